@@ -118,7 +118,8 @@ class MuScConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}; "
+                             f"valid keys: {', '.join(sorted(known))}")
         return cls(**dict(data))
 
     @classmethod
