@@ -29,26 +29,44 @@ def nearest_similarity_torch(z: torch.Tensor, *, precision: str = "fp32",
                              block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
     """Nearest-patch similarity for every ordered pair of distinct images.
 
+    Works on query blocks: images I = [i0, i1) against all images J = [i0, N) in one product
+    ``Z_I Z_J^T``. Row maxima fill sim[I, :, J]; column maxima fill sim[J, :, I] for the images
+    after the block. Each unordered pair is computed once, except the pairs inside a query block
+    (both orders, a small overhead that buys larger, faster matmuls).
+
     Args:
         z: [N, L, C] unit rows (any float dtype).
         precision: matmul inputs in ``"fp32"`` (exact; TF32 stays off) or ``"bf16"``/``"fp16"``
             (tensor cores on GPU, fp32 accumulation).
-        block_elems: bound on the product block size (memory knob).
+        block_elems: bound on the elements of one product block (memory knob).
     Returns:
         sim: [N, L, N] float32, ``sim[i, p, j] = max_q <Z_i[p], Z_j[q]>`` for j != i and -inf for j == i.
     """
     n, length, c = z.shape
-    zz = z.to(_matmul_dtype(z, precision)).contiguous()
+    flat = z.to(_matmul_dtype(z, precision)).reshape(n * length, c)
     sim = torch.empty((n, length, n), dtype=torch.float32, device=z.device)
-    step = max(1, block_elems // (length * length))  # partner images per product block
-    for i in range(n - 1):
-        for j0 in range(i + 1, n, step):
+    per_pair = length * length
+    for i0, i1 in _query_blocks(n, per_pair, block_elems):
+        b = i1 - i0
+        # Partner images J = [i0, N), in chunks so that one block stays within the budget.
+        step = max(1, block_elems // (b * per_pair))
+        for j0 in range(i0, n, step):
             j1 = min(n, j0 + step)
-            block = (zz[i] @ zz[j0:j1].reshape(-1, c).T).float().view(length, j1 - j0, length)
-            sim[i, :, j0:j1] = block.amax(dim=2)  # i's patches -> nearest in each j
-            sim[j0:j1, :, i] = block.amax(dim=0) # each j's patches -> nearest in i
+            block = (flat[i0 * length:i1 * length] @ flat[j0 * length:j1 * length].T).float()
+            block = block.view(b, length, j1 - j0, length)
+            sim[i0:i1, :, j0:j1] = block.amax(dim=3)  # I's patches -> nearest in each j
+            lo = max(j0, i1)  # partners after the query block get their direction from the columns
+            if lo < j1:
+                sim[lo:j1, :, i0:i1] = block[:, :, lo - j0:].amax(dim=1).permute(1, 2, 0)
     sim.diagonal(dim1=0, dim2=2).fill_(float("-inf"))
     return sim
+
+
+def _query_blocks(n: int, per_pair: int, block_elems: int, max_block: int = 4):
+    """[i0, i1) ranges of query images: up to ``max_block`` images, fewer if one row of blocks
+    (the block against all N images) would exceed the budget."""
+    b = max(1, min(max_block, block_elems // max(1, n * per_pair)))
+    return [(i0, min(n, i0 + b)) for i0 in range(0, n, b)]
 
 
 def interval_mean_from_similarity(sim: torch.Tensor, k_min: int, k_max: int,
