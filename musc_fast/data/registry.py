@@ -1,0 +1,84 @@
+"""Data-set registry: name -> reader class, and the two entry points ``list_categories`` and
+``load_category``.
+
+A reader is a class with ``categories(root) -> list[str]`` and ``load(root, category) -> Category``;
+``@register_reader("name", ...)`` adds it. Readers see an existing root folder (checked here).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, ClassVar
+
+from .base import Category, DatasetError
+
+
+class Reader:
+    """Base class of the data-set readers (test split only)."""
+
+    name: ClassVar[str] = ""
+    # Shown when a root holds no category of this data set.
+    layout: ClassVar[str] = ""
+
+    def categories(self, root: Path) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, root: Path, category: str) -> Category:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+READERS: dict[str, type[Reader]] = {}
+
+
+def register_reader(*names: str) -> Callable[[type[Reader]], type[Reader]]:
+    """Class decorator: register a reader under each of ``names`` (the first is its canonical name)."""
+
+    def deco(cls: type[Reader]) -> type[Reader]:
+        for n in names:
+            if n in READERS:
+                raise ValueError(f"data set {n!r} registered twice")
+            READERS[n] = cls
+        cls.name = names[0]
+        return cls
+
+    return deco
+
+
+def _import_builtin_readers() -> None:
+    # Importing the modules runs their @register_reader decorators.
+    from . import btad, folder, mvtec, mvtec3d, synthetic, visa  # noqa: F401
+
+
+def available() -> list[str]:
+    """Registered data-set names (aliases included)."""
+    _import_builtin_readers()
+    return sorted(READERS)
+
+
+def get_reader(dataset: str) -> Reader:
+    _import_builtin_readers()
+    if dataset not in READERS:
+        raise DatasetError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(sorted(READERS))}")
+    return READERS[dataset]()
+
+
+def _check_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root not found (expected a folder)")
+    return root
+
+
+def list_categories(dataset: str, root: str | Path) -> list[str]:
+    """The categories of ``dataset`` present under ``root``, sorted. Raises DatasetError if none."""
+    reader = get_reader(dataset)
+    root = _check_root(root)
+    names = reader.categories(root)
+    if not names:
+        raise DatasetError(f"{root}: no {reader.name} categories found (expected {reader.layout})")
+    return names
+
+
+def load_category(dataset: str, root: str | Path, category: str) -> Category:
+    """The test split of one category of ``dataset`` under ``root`` (see ``Category``)."""
+    reader = get_reader(dataset)
+    return reader.load(_check_root(root), category)
