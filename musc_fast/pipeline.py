@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from . import ops
 from .backbones import Backbone, build_backbone
 from .config import MuScConfig
-from .ops.lnamd import grid_of
+from .ops.boxgram import boxgram_enabled, mutual_scores_multi
+from .ops.lnamd import grid_of, layer_norm_chw
 
 STAGES = ("load", "backbone", "lnamd", "msm", "maps", "rscin")
 
@@ -137,11 +138,20 @@ def score_features(
 
     acc = torch.zeros((n, length), dtype=torch.float64, device=dev)
     n_passes = len(tokens) * len(r_list)
+    one_gram = boxgram_enabled() and ops.backend("msm", dev) == "torch"
     for idx in groups:
         index = torch.as_tensor(idx, device=dev)
         for layer in tokens:
+            subset = layer.to(dev).index_select(0, index)
+            if one_gram:  # every r of the layer from one Gram block per pair (ops/boxgram.py)
+                with timer.stage("lnamd"):
+                    normed = layer_norm_chw(subset)
+                with timer.stage("msm"):
+                    acc[index] += mutual_scores_multi(normed, list(r_list), topmin, compat=compat,
+                                                      precision=msm_precision).sum(0)
+                continue
             with timer.stage("lnamd"):
-                zs = ops.lnamd_multi(layer.to(dev).index_select(0, index), list(r_list))
+                zs = ops.lnamd_multi(subset, list(r_list))
             for z in zs:
                 with timer.stage("msm"):
                     acc[index] += ops.mutual_scores(z, topmin, compat=compat, precision=msm_precision)

@@ -15,11 +15,10 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
 from .interval import interval_bounds
 from .lnamd import box_mean, grid_of
-from .msm import DEFAULT_BLOCK_ELEMS, _matmul_dtype, _query_blocks, interval_mean_from_similarity
+from .msm import DEFAULT_BLOCK_ELEMS, _matmul_dtype, interval_mean_from_similarity
 
 
 def boxgram_enabled() -> bool:
@@ -31,40 +30,42 @@ def boxgram_enabled() -> bool:
 
 
 def _box_sum_along(x: torch.Tensor, dim: int, r: int) -> torch.Tensor:
-    """Sum over a window of r consecutive entries centred on each index of ``dim``, zero padded."""
-    if r == 1:
-        return x
-    half = (r - 1) // 2
-    pad = [0, 0] * (x.ndim - 1 - dim) + [half, half]
-    padded = F.pad(x, pad)
-    size = x.shape[dim]
-    out = padded.narrow(dim, 0, size).clone()
-    for k in range(1, r):
-        out += padded.narrow(dim, k, size)
+    """Sum over the window of r entries centred on each index of ``dim`` (zero padded)."""
+    out = x.clone()
+    n = x.shape[dim]
+    for shift in range(1, min((r - 1) // 2, n - 1) + 1):
+        out.narrow(dim, 0, n - shift).add_(x.narrow(dim, shift, n - shift))
+        out.narrow(dim, shift, n - shift).add_(x.narrow(dim, 0, n - shift))
     return out
 
 
-def box_filter_block(block: torch.Tensor, g: int, r: int) -> torch.Tensor:
-    """4-D r x r x r x r box mean of Gram blocks over both patch grids.
+def box_filter_gram(gram: torch.Tensor, g: int, r: int) -> torch.Tensor:
+    """4-D box sum of Gram blocks over both patch grids (divide by r**4 for the box mean).
 
     Args:
-        block: [b, L, m, L] Gram values <x_i(p), x_j(q)>, L = g * g row-major.
+        gram: [L, L, m] values <x_i(p), x_j(q)> for one query image i and m partners j
+            (p, q row-major over a g x g grid). Partners innermost, so that every shift below is a
+            long contiguous add.
     Returns:
-        [b, L, m, L]: <B_r x_i(p), B_r x_j(q)> (box means, padded zeros counted, as LNAMD).
+        [L, L, m]: r**4 <B_r x_i(p), B_r x_j(q)>, B_r the r x r zero-padded box mean of LNAMD; a new
+        tensor for r > 1, ``gram`` itself for r = 1.
     """
     if r == 1:
-        return block
-    b, length, m, _ = block.shape
-    x = block.reshape(b, g, g, m, g, g)
-    for dim in (1, 2, 4, 5):  # p-row, p-col, q-row, q-col: separable
+        return gram
+    m = gram.shape[-1]
+    x = gram.reshape(g, g, g, g, m)
+    for dim in range(4):  # p-row, p-col, q-row, q-col: separable
         x = _box_sum_along(x, dim, r)
-    return (x / float(r ** 4)).reshape(b, length, m, length)
+    return x.reshape(g * g, g * g, m)
 
 
 def nearest_similarity_multi_torch(x: torch.Tensor, r_list: tuple[int, ...] | list[int], *,
                                    precision: str = "fp32",
                                    block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
     """Nearest-patch similarities of every r from one Gram block per pair of images.
+
+    For each query image i and a chunk of partners j > i: one product [L, L * m], box-filtered per r,
+    scaled by the inverse norms, then row maxima (sim[r, i, :, j]) and column maxima (sim[r, j, :, i]).
 
     Args:
         x: [N, L, C] LayerNorm'd tokens of one layer (``layer_norm_chw``), before any box mean.
@@ -75,28 +76,26 @@ def nearest_similarity_multi_torch(x: torch.Tensor, r_list: tuple[int, ...] | li
     n, length, c = x.shape
     g = grid_of(length)
     x32 = x.float()
-    # 1 / ||B_r x(p)||, [R, N, L]
+    # 1 / ||B_r x(p)||: [R, N, L]
     inv_norms = torch.stack([box_mean(x32, r).norm(dim=-1) for r in r_list]).clamp_min_(1e-12).reciprocal_()
-    flat = x32.to(_matmul_dtype(x, precision)).reshape(n * length, c)
-    sim = torch.empty((len(r_list), n, length, n), dtype=torch.float32, device=x.device)
-    per_pair = length * length
-    # A few r-sized temporaries live beside each block: budget them too.
-    budget = max(per_pair, block_elems // 3)
-    for i0, i1 in _query_blocks(n, per_pair, budget):
-        b = i1 - i0
-        step = max(1, budget // (b * per_pair))
-        for j0 in range(i0, n, step):
+    feats = x32.to(_matmul_dtype(x, precision))
+    # Partners interleaved patch-major ([L, N, C]) so that a product block comes out as [L, L * m]
+    # with the partner index innermost.
+    by_patch = feats.transpose(0, 1).contiguous()
+    sim = torch.full((len(r_list), n, length, n), float("-inf"), dtype=torch.float32, device=x.device)
+    # The block and a few same-sized temporaries per r live at once: budget them together.
+    step = max(1, block_elems // (4 * length * length))
+    for i in range(n - 1):
+        for j0 in range(i + 1, n, step):
             j1 = min(n, j0 + step)
-            gram = (flat[i0 * length:i1 * length] @ flat[j0 * length:j1 * length].T).float()
-            gram = gram.view(b, length, j1 - j0, length)
-            lo = max(j0, i1)
+            m = j1 - j0
+            gram = (feats[i] @ by_patch[:, j0:j1].reshape(length * m, c).T).float().view(length, length, m)
             for k, r in enumerate(r_list):
-                s = box_filter_block(gram, g, r)
-                s = s * inv_norms[k, i0:i1, :, None, None] * inv_norms[k, j0:j1][None, None]
-                sim[k, i0:i1, :, j0:j1] = s.amax(dim=3)
-                if lo < j1:
-                    sim[k, lo:j1, :, i0:i1] = s[:, :, lo - j0:].amax(dim=1).permute(1, 2, 0)
-    sim.diagonal(dim1=1, dim2=3).fill_(float("-inf"))
+                # One pass for the box divisor and both norms: s = filtered / (r^4 n_i(p) n_j(q)).
+                scale = inv_norms[k, i][:, None, None] * (inv_norms[k, j0:j1].T / float(r ** 4))
+                s = gram * scale if r == 1 else box_filter_gram(gram, g, r).mul_(scale)
+                sim[k, i, :, j0:j1] = s.amax(dim=1)  # i's patches -> nearest in each j
+                sim[k, j0:j1, :, i] = s.amax(dim=0).T  # each j's patches -> nearest in i
     return sim
 
 
