@@ -184,9 +184,12 @@ class MuSc:
     >>> result = model.score(["a.png", "b.png", ...])   # all images scored against each other
     """
 
-    def __init__(self, config: MuScConfig | None = None, *, backbone: Backbone | None = None):
+    def __init__(self, config: MuScConfig | None = None, *, backbone: Backbone | None = None,
+                 num_workers: int | None = None):
+        """``num_workers``: image-decoding processes for path inputs (None = a default, 0 = serial)."""
         self.config = config or MuScConfig()
         self.device = resolve_device(self.config.device)
+        self.num_workers = num_workers
         self._backbone = backbone
 
     # --- model -----------------------------------------------------------------------------------
@@ -215,7 +218,7 @@ class MuSc:
         bilinear for DINO). A tensor is taken as RGB in [0, 1] ([N, 3, H, W], like ToTensor's output)
         and resized with torch's antialiased interpolation when H, W differ from S.
         """
-        from .data.transforms import load_images, preprocess_image
+        from .data import load_images, preprocess_image
 
         size, pp = self.config.image_size, self.backbone.preprocess
         if isinstance(images, torch.Tensor):
@@ -230,7 +233,8 @@ class MuSc:
             return (x - mean) / std
         images = list(images)
         if images and all(isinstance(im, (str, Path)) for im in images):
-            return load_images([str(p) for p in images], size, pp, progress=progress)
+            return load_images([str(p) for p in images], size, pp, num_workers=self.num_workers,
+                               progress=progress)
         return torch.stack([preprocess_image(im, size, pp) for im in images])
 
     @torch.inference_mode()

@@ -113,7 +113,7 @@ def write_category(root: Path, category: Category, result: Result, masks: np.nda
 def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
         log: Callable[[str], None] = print) -> RunSummary:
     """Evaluate every requested category; returns the summary (failures included, never raised)."""
-    model = model or MuSc(config)
+    model = model or MuSc(config, num_workers=opts.num_workers)
     root = outputs.run_root(opts.out, opts.dataset, config.backbone, config.image_size)
     names = resolve_categories(opts)
     per_category: dict[str, dict[str, Any]] = {}
@@ -151,6 +151,6 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
         shown = ", ".join(f"{k} {v:.2f}" for k, v in entry["metrics"].items() if v is not None)
         log(f"[{name}] {len(category)} images, {timings['total']:.1f} ms/image (MuSc stages)"
             + (f": {shown}" if shown else ""))
-    if failures and not per_category:
+    if failures:  # the last write may predate a later failure
         outputs.write_results(root, per_category, {**extra, "failures": failures}, opts.save_xlsx)
     return RunSummary(root, per_category, failures)
