@@ -193,21 +193,25 @@ def _launch(zc: torch.Tensor, sim: torch.Tensor, precision: str, cfg: MutualMinC
 
 def _autotune(zc: torch.Tensor, sim: torch.Tensor, precision: str) -> MutualMinConfig:
     """Time the candidates on the first few waves of the real work (the maxima are idempotent, so
-    re-running items into the same buffer is harmless) and keep the fastest for this shape."""
-    key = (zc.shape[2], zc.shape[3], precision, str(zc.device))
+    re-running items into the same buffer is harmless; the buffer is reset after) and keep the fastest
+    for this (L, C, precision, device)."""
+    import triton.testing
+
+    p, n, length, chans = zc.shape
+    key = (length, chans, precision, str(zc.device))
     if key not in _TUNED:
-        waves = 8 * num_sms(zc.device)
         timings = []
         for cfg in CANDIDATES[precision]:
+            total = p * (n * (n - 1) // 2) * triton.cdiv(length, cfg.block_m)
+            items = min(total, 8 * num_sms(zc.device) * cfg.progs_per_sm)  # about 8 items per program
             try:
                 ms = triton.testing.do_bench(
-                    lambda cfg=cfg: _launch(zc, sim, precision, cfg, max_items=waves * cfg.progs_per_sm),
+                    lambda cfg=cfg, items=items: _launch(zc, sim, precision, cfg, max_items=items),
                     warmup=5, rep=20)
-                # Time per row of work, so configs with other BLOCK_M compare fairly.
-                timings.append((ms / (waves * cfg.progs_per_sm * cfg.block_m), cfg))
-            except Exception:  # a config that does not fit (shared memory, registers) is skipped
+            except Exception:  # a config that does not fit this GPU (shared memory, registers)
                 continue
-        _TUNED[key] = min(timings, key=lambda t: t[0])[1]
+            timings.append((ms / (items * cfg.block_m), cfg))  # per row of work: fair across BLOCK_M
+        _TUNED[key] = min(timings, key=lambda t: t[0])[1] if timings else _DEFAULTS[precision]
         sim.fill_(float("-inf"))
     return _TUNED[key]
 
