@@ -100,7 +100,126 @@ def lnamd_report(chans: int = 1024, r_list=(1, 3, 5), token_dtype: str = "fp16")
                           num_warps=warps)
 
 
+def preflight(calls) -> list[dict]:
+    """Run wrapper calls with every Triton launch replaced by an sm_90 build of exactly that launch.
+
+    Each ``launch`` is specialised as a real one would be (Triton's own rules: integers equal to 1 become
+    constants, 16-divisible integers and aligned pointers get divisibility hints), so this compiles the
+    variants a GPU run of the same calls will compile, on a machine without a GPU. Kernel outputs are not
+    computed. Must run without TRITON_INTERPRET.
+
+    Args:
+        calls: callables that call the public wrappers (CPU tensors are fine).
+    Returns:
+        one report per distinct specialisation: kernel name, its constants, and ``compile_kernel``'s fields
+        (or ``error``).
+    """
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction
+
+    from . import _common, interval_mean, lnamd, mutual_min
+
+    seen: dict[tuple, dict] = {}
+
+    def fake_getitem(self, grid):
+        def launch(*args, **kwargs):
+            opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+            bound = dict(zip(self.arg_names, args), **kwargs)
+            sig, consts, divisible = {}, {}, []
+            for param in self.params:
+                value = bound[param.name]
+                if param.is_constexpr:
+                    consts[param.name] = value
+                    continue
+                kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+                if kind == "constexpr":
+                    consts[param.name] = attr
+                else:
+                    sig[param.name] = kind
+                    if attr == "D":
+                        divisible.append(param.name)
+            sig.update({k: "constexpr" for k in consts})
+            key = (self.__name__, tuple(sorted(sig.items())), tuple(sorted(consts.items())),
+                   tuple(divisible), tuple(sorted(opts.items())))
+            if key not in seen:
+                try:
+                    rep = compile_kernel(self, sig, consts, tuple(divisible), **opts)
+                except Exception as exc:  # report, don't stop: the point is to list every failure
+                    rep = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                seen[key] = {"kernel": self.__name__, "constexprs": consts, **opts, **rep}
+        return launch
+
+    saved = JITFunction.__getitem__
+    no_check = lambda *tensors: None  # noqa: E731  (CPU tensors stand in for CUDA ones)
+    modules = (_common, interval_mean, lnamd, mutual_min)
+    checks = [m.check_device for m in modules]
+    JITFunction.__getitem__ = fake_getitem
+    for m in modules:
+        m.check_device = no_check
+    try:
+        for call in calls:
+            call()
+    finally:
+        JITFunction.__getitem__ = saved
+        for m, chk in zip(modules, checks):
+            m.check_device = chk
+    return list(seen.values())
+
+
+def default_preflight_calls():
+    """The launches of tests/test_kernels.py (GPU-compiled run) and of the paper-shape benchmarks."""
+    import torch
+
+    from . import interval_mean_triton, lnamd_triton, nearest_similarity_triton
+    from .mutual_min import MutualMinConfig
+
+    small = MutualMinConfig(16, 32, 16)
+    calls = []
+    for n, length, c, cfg, precs in [
+        (2, 49, 24, None, ("fp32",)), (5, 49, 37, small, ("fp32", "bf16", "fp16")),
+        (3, 16, 16, None, ("fp32",)), (4, 9, 64, small, ("fp32",)),
+        (12, 1369, 1024, None, ("fp32", "bf16", "tf32", "fp16")), (7, 1369, 24, None, ("fp32",)),
+        (200, 1369, 1024, None, ("fp32", "bf16")),
+    ]:
+        for prec in precs:
+            calls.append(lambda n=n, length=length, c=c, cfg=cfg, prec=prec: nearest_similarity_triton(
+                torch.zeros(n, length, c), precision=prec, config=cfg))
+    calls.append(lambda: nearest_similarity_triton(torch.zeros(3, 4, 25, 24), config=small))
+    for n, k_min, k_max in [(2, 0, 1), (3, 0, 1), (7, 2, 4), (12, 0, 3), (200, 0, 59), (1000, 0, 299)]:
+        calls.append(lambda n=n, a=k_min, b=k_max: interval_mean_triton(torch.zeros(n, 9, n), a, b))
+    calls.append(lambda: interval_mean_triton(torch.zeros(3, 6, 16, 6), 1, 3,
+                                              out=torch.zeros(6, 16), accumulate=True))
+    for shape, r_list, dtype, out_dtype, bp in [
+        ((2, 49, 24), [1, 3, 5], torch.float32, torch.float32, None),
+        ((3, 25, 37), [7], torch.float32, torch.float32, None),
+        ((2, 9, 64), [5, 1, 3, 1], torch.float32, torch.float32, None),
+        ((1, 196, 33), [1, 3, 5, 7, 9], torch.float32, torch.float32, None),
+        ((1, 36, 24), [1, 3, 5], torch.float32, torch.float32, 1),
+        ((3, 49, 40), [3], torch.bfloat16, torch.bfloat16, None),
+        ((3, 49, 40), [3], torch.float16, torch.float16, None),
+        ((4, 1369, 1024), [1, 3, 5], torch.float16, torch.float32, None),
+        ((200, 1369, 1024), [1, 3, 5], torch.float16, torch.bfloat16, None),
+    ]:
+        calls.append(lambda shape=shape, r_list=r_list, dtype=dtype, o=out_dtype, bp=bp: lnamd_triton(
+            torch.zeros(shape, dtype=dtype), r_list, out_dtype=o, block_p=bp))
+    return calls
+
+
 if __name__ == "__main__":
+    import sys
+
+    if "--preflight" in sys.argv:
+        reports = preflight(default_preflight_calls())
+        errors = sum("error" in r for r in reports)
+        spills = sum(r.get("stack", 0) > 16 for r in reports)  # a few bytes of stack is noise
+        minor = sum(0 < r.get("stack", 0) <= 16 for r in reports)
+        for rep in reports:
+            print(rep)
+        print(f"{len(reports)} distinct launches built for sm_90: {errors} errors, {spills} with spills, "
+              f"{minor} with <= 16 bytes of stack")
+        raise SystemExit(1 if errors or spills else 0)
+
     for prec in ("bf16", "fp16", "tf32", "fp32"):
         print("mutual_min", prec, mutual_min_report(prec))
     print("interval_mean N=200", interval_mean_report(200))

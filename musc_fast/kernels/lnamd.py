@@ -13,7 +13,8 @@ Kernel 2, ``_lnamd_box_kernel``: program (n, b) owns ``BLOCK_P`` consecutive pat
 C channels (``BLOCK_C`` = next power of two >= C). It reduces the partial sums to the image mean, then
 for every offset (dy, dx) of the largest window loads the shifted [BLOCK_P, C] token tile once
 (masked at the grid border: the zero padding), subtracts the mean and adds it to the accumulator of
-every r whose window contains the offset (up to 4 degrees per launch, nested windows share the loads).
+every r whose window contains the offset (up to 4 degrees per launch, nested windows share the loads;
+dy runs as a loop, dx is unrolled).
 It then L2-normalises each accumulator along C and writes Z_r (fp32, or fp16/bf16 if asked).
 
 Memory traffic. Tokens are read from DRAM once for all r (the shifted re-reads of neighbouring
@@ -48,12 +49,12 @@ def _image_sum_kernel(x_ptr, part_ptr, numel, chunk, NUM_CHUNKS: tl.constexpr, B
 
 
 @triton.jit
-def _accumulate_offset(acc, v, R: tl.constexpr, DY: tl.constexpr, DX: tl.constexpr):
-    # Add the shifted tile to the accumulator of degree R if (DY, DX) lies in its window (all constexpr).
+def _accumulate_offset(acc, v, row_weight, R: tl.constexpr, DX: tl.constexpr):
+    # Degree R takes the shifted tile when (dy, DX) lies in its window: DX is checked at compile time,
+    # dy (a run-time loop index) through row_weight = 1.0 or 0.0 (adding v * 0 leaves acc unchanged).
     if R > 0:
-        if DY * DY <= (R // 2) * (R // 2):
-            if DX * DX <= (R // 2) * (R // 2):
-                acc += v
+        if DX * DX <= (R // 2) * (R // 2):
+            acc += v * row_weight
     return acc
 
 
@@ -90,19 +91,27 @@ def _lnamd_box_kernel(
     acc1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    for a in tl.static_range(2 * HALF + 1):
+    # Rows of the window in a run-time loop, columns unrolled: unrolling both kept (2H+1)^2 tiles in
+    # flight and spilled registers for small C (sm_90 build, kernels._sm90 --preflight).
+    for a in range(2 * HALF + 1):
+        dy = a - HALF
+        yy = y + dy
+        row_ok = p_ok & (yy >= 0) & (yy < grid_g)
+        w0 = tl.where(dy * dy <= (R0 // 2) * (R0 // 2), 1.0, 0.0)
+        w1 = tl.where(dy * dy <= (R1 // 2) * (R1 // 2), 1.0, 0.0)
+        w2 = tl.where(dy * dy <= (R2 // 2) * (R2 // 2), 1.0, 0.0)
+        w3 = tl.where(dy * dy <= (R3 // 2) * (R3 // 2), 1.0, 0.0)
         for b in tl.static_range(2 * HALF + 1):
-            yy = y + (a - HALF)
             xx = x + (b - HALF)
-            ok = p_ok & (yy >= 0) & (yy < grid_g) & (xx >= 0) & (xx < grid_g)
+            ok = row_ok & (xx >= 0) & (xx < grid_g)
             m2 = ok[:, None] & c_ok[None, :]
             q = yy * grid_g + xx
             t = tl.load(x_ptr + base + q[:, None] * chans + ch[None, :], mask=m2, other=0.0)
             v = tl.where(m2, t.to(tl.float32) - mean, 0.0)  # zero padding after the LayerNorm
-            acc0 = _accumulate_offset(acc0, v, R0, a - HALF, b - HALF)
-            acc1 = _accumulate_offset(acc1, v, R1, a - HALF, b - HALF)
-            acc2 = _accumulate_offset(acc2, v, R2, a - HALF, b - HALF)
-            acc3 = _accumulate_offset(acc3, v, R3, a - HALF, b - HALF)
+            acc0 = _accumulate_offset(acc0, v, w0, R0, b - HALF)
+            acc1 = _accumulate_offset(acc1, v, w1, R1, b - HALF)
+            acc2 = _accumulate_offset(acc2, v, w2, R2, b - HALF)
+            acc3 = _accumulate_offset(acc3, v, w3, R3, b - HALF)
     offs = base + p[:, None] * chans + ch[None, :]
     mask = p_ok[:, None] & c_ok[None, :]
     _store_normalised(out0_ptr, acc0, offs, mask, R0)
@@ -171,7 +180,8 @@ def lnamd_triton(tokens: torch.Tensor, r_list, *, out_dtype: torch.dtype = torch
 
 def launch_shape(chans: int, *, interpret: bool) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps) for C channels: all channels of BLOCK_P patches per program, about
-    4096 values per accumulator on GPU (3 accumulators + one tile = 64 registers a thread at 8 warps)."""
+    2048 values per accumulator on GPU, 8 per thread at 8 warps (the sm_90 build of r = 1, 3, 5, 7 in one
+    launch then needs no spills; 4096 values did). The interpreter takes bigger blocks (fewer steps)."""
     block_c = next_pow2(chans)
-    block_p = max(1, min(64, (8192 if interpret else 4096) // block_c))
-    return block_p, block_c, 4 if block_p * block_c <= 2048 else 8
+    block_p = max(1, min(64, (8192 if interpret else 2048) // block_c))
+    return block_p, block_c, 8 if block_p * block_c >= 2048 else 4
