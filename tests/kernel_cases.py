@@ -252,7 +252,7 @@ def _tokens(n, g, c, rng):
 def test_lnamd_matches_reference_and_torch(n, g, c, r_list):
     x = _tokens(n, g, c, np.random.default_rng())
     outs = kernels.lnamd_triton(_t(x), r_list)
-    assert len(outs) == len(r_list)
+    assert len(outs) == len(r_list) and len({id(z) for z in outs}) == len(outs)  # no aliases
     for z, t, r in zip(outs, lnamd_multi_torch(torch.from_numpy(x), r_list), r_list):
         assert z.dtype == torch.float32 and z.shape == x.shape
         np.testing.assert_allclose(_np(z), lnamd_reference(x, r), rtol=0, atol=ATOL_LNAMD)

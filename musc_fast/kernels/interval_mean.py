@@ -7,10 +7,10 @@ distances of the similarities of descending ranks k_min .. k_max-1. The program 
 distinct similarity values: each step takes the largest value below the previous one (a row max),
 counts how many entries equal it, and so knows the ranks ``[taken, taken + count)`` it occupies; the
 overlap of those ranks with ``[k_min, k_max)`` times the value's distance goes into the sum. Exact ties
-(duplicate images give bitwise-equal similarities) are one step with count > 1, so each tied value
-is weighted by exactly as many ranks as it fills, as a stable sort would. At most k_max steps, each a
-row max and a row count over N registers; no full sort, no top-k buffer. Distances and sums are
-float64, from the fp32 maxima, as in the torch path.
+(equal similarities, e.g. from duplicate images) are one step with count > 1, so each tied value is
+weighted by exactly as many ranks as it fills, as with a sort. k_max steps (with ties the last ones add
+nothing), each a row max and a row count over N registers; no sort, no top-k buffer. Distances and
+sums are float64, from the fp32 maxima, as in the torch path.
 
 Several passes (e.g. the 12 (r, layer) maps) can be summed in one launch, and the result can be added
 to a running [N, L] sum (``accumulate``), so the pipeline's average over passes needs no [P, N, L]

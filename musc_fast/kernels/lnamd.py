@@ -175,7 +175,11 @@ def lnamd_triton(tokens: torch.Tensor, r_list, *, out_dtype: torch.dtype = torch
             NUM_CHUNKS=num_chunks, R0=rs[0], R1=rs[1], R2=rs[2], R3=rs[3], HALF=(max(group) - 1) // 2,
             BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps,
         )
-    return [outs[r] for r in r_list]
+    result, seen = [], set()
+    for r in r_list:  # a repeated r gets its own tensor, as from the torch path
+        result.append(outs[r].clone() if r in seen else outs[r])
+        seen.add(r)
+    return result
 
 
 def launch_shape(chans: int, *, interpret: bool) -> tuple[int, int, int]:

@@ -10,10 +10,10 @@ each tile it takes
     ``atomic_max``, because the other row tiles of the same pair are other programs.
 ``sim`` starts as -inf, so the self entries stay -inf and the atomics need no other initial value.
 Max is exact and commutative, so the atomics make the result independent of the order in which
-programs finish (bitwise deterministic). Per unordered pair and pass there are ceil(L/BLOCK_M) * L
-column atomics against 2 L^2 C matmul FLOPs (at the paper shape 128 rows x 1024 channels of work
-per atomic), so they cost little; the alternative, a [pairs, row tiles, L] scratch reduced in a
-second kernel, would be 1.2 GB at N=200.
+programs finish (bitwise deterministic). A tile issues BLOCK_N atomics (fire-and-forget ``red`` on
+sm_90) against 2 BLOCK_M BLOCK_N C matmul FLOPs: one atomic per 262k FLOPs at 128 rows and C=1024, so
+they cost little; the alternative, a [pairs, row tiles, L] scratch reduced by a second kernel, would be
+1.2 GB at N=200.
 
 Memory traffic saved. The original builds, per query image, a copy of the other N-1 images
 ((N-1) L C floats) and an L x (N-1) L distance matrix, written and read once (1.5 GB per query at
@@ -26,8 +26,8 @@ fp32 torch path to rounding). ``"tf32"`` (kernel-only, for benchmarks): TF32 ten
 cores. The similarity is the only thing rounded; distances are formed later from the maxima.
 
 Work order and L2. Items run in pass-major, pair, row-tile order; the pair list is built on the host in
-``group x group`` blocks of (i, j), so programs that run at the same time share a few Z_i and Z_j
-(about 2 group images, 45 MB in bf16 at the paper shape with group 8, within the 60 MB L2). The grid is
+``group x group`` blocks of (i, j), so the programs running at one time read at most 2 x group distinct
+images (16 x 2.8 MB = 45 MB in bf16 at the paper shape, group 8: within the 60 MB L2). The grid is
 persistent: ``progs_per_sm`` programs per multiprocessor loop over the items.
 """
 from __future__ import annotations
