@@ -3,7 +3,8 @@
 ``lnamd``, ``mutual_scores`` and ``rscin`` are the names other tools embed. Each hot op picks its
 backend here (DESIGN 3): ``MUSC_FAST_<OP>=torch`` forces the torch path, ``=triton`` forces the Triton
 kernel (also on CPU tensors under ``TRITON_INTERPRET=1``), ``auto`` (default) uses the kernel on CUDA
-when Triton is importable and the torch path everywhere else. Inputs may be numpy arrays or tensors;
+when Triton is importable and the torch path everywhere else; ``MUSC_FAST_MSM=faiss`` uses FAISS for the
+nearest-neighbour step (see ``backend`` and ENV.md). Inputs may be numpy arrays or tensors;
 numpy in gives numpy out.
 """
 from __future__ import annotations
@@ -25,25 +26,46 @@ __all__ = [
     "SmallBatchWarning",
 ]
 
-_BACKENDS = ("auto", "torch", "triton")
+# Allowed values of MUSC_FAST_<OP> per op; "faiss" is a provider for MSM's nearest-neighbour step only.
+_BACKENDS = {"msm": ("auto", "torch", "triton", "faiss"), "lnamd": ("auto", "torch", "triton")}
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def backend(op: str, device: torch.device | str = "cpu") -> str:
-    """The backend ``op`` (``"msm"`` or ``"lnamd"``) will use for tensors on ``device``."""
+def backend(op: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> str:
+    """The backend ``op`` (``"msm"`` or ``"lnamd"``) will use for tensors on ``device``.
+
+    ``MUSC_FAST_<OP>``: ``auto`` (default) = the Triton kernel for CUDA tensors of a kernel dtype
+    (fp32/fp16/bf16) when Triton is importable, the torch path otherwise; ``torch`` = always torch;
+    ``triton`` = always the kernel (CPU tensors need ``TRITON_INTERPRET=1``), an error if it cannot run;
+    ``faiss`` (msm only) = FAISS exact search for the nearest-neighbour step, an error if faiss is missing.
+    """
+    if op not in _BACKENDS:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_BACKENDS)}")
     env = f"MUSC_FAST_{op.upper()}"
     choice = os.environ.get(env, "auto").strip().lower()
-    if choice not in _BACKENDS:
-        raise ValueError(f"{env}={choice!r} is not one of {', '.join(_BACKENDS)}")
+    if choice not in _BACKENDS[op]:
+        raise ValueError(f"{env}={choice!r} is not one of {', '.join(_BACKENDS[op])}")
     if choice == "torch":
         return "torch"
+    on_cuda = torch.device(device).type == "cuda"
+    if choice == "auto" and not (on_cuda and (dtype is None or dtype in _KERNEL_DTYPES)):
+        return "torch"  # decided without importing triton
     from .. import kernels
 
+    if choice == "faiss":
+        ok, why = kernels.faiss_available()
+        if not ok:
+            raise RuntimeError(f"{env}=faiss but FAISS cannot run here: {why}")
+        return "faiss"
     ok, why = kernels.available()
     if choice == "triton":
         if not ok:
             raise RuntimeError(f"{env}=triton but the Triton kernels cannot run here: {why}")
+        if not on_cuda and not kernels._interpreting():
+            raise RuntimeError(f"{env}=triton with tensors on {device}: compiled kernels need CUDA tensors "
+                               "(set TRITON_INTERPRET=1 to run them on CPU with the Triton interpreter)")
         return "triton"
-    return "triton" if ok and torch.device(device).type == "cuda" else "torch"
+    return "triton" if ok else "torch"
 
 
 def _to_tensor(x) -> tuple[torch.Tensor, bool]:
@@ -67,7 +89,7 @@ def lnamd(tokens, r: int):
         L2-normalised rows.
     """
     t, was_np = _to_tensor(tokens)
-    if backend("lnamd", t.device) == "triton":
+    if backend("lnamd", t.device, t.dtype) == "triton":
         from ..kernels import lnamd_triton
 
         return _back(lnamd_triton(t, [r])[0], was_np)
@@ -77,7 +99,7 @@ def lnamd(tokens, r: int):
 def lnamd_multi(tokens, r_list) -> list:
     """LNAMD for every r of ``r_list`` from one read of the tokens; one [N, L, C] float32 per r."""
     t, was_np = _to_tensor(tokens)
-    if backend("lnamd", t.device) == "triton":
+    if backend("lnamd", t.device, t.dtype) == "triton":
         from ..kernels import lnamd_triton
 
         return [_back(z, was_np) for z in lnamd_triton(t, list(r_list))]
@@ -87,11 +109,19 @@ def lnamd_multi(tokens, r_list) -> list:
 def nearest_similarity(z, *, precision: str = "fp32"):
     """sim [N, L, N] float32: ``sim[i, p, j] = max_q <Z_i[p], Z_j[q]>``, -inf where j == i."""
     t, was_np = _to_tensor(z)
-    if backend("msm", t.device) == "triton":
+    return _back(_nearest_similarity(t, precision, backend("msm", t.device, t.dtype)), was_np)
+
+
+def _nearest_similarity(t: torch.Tensor, precision: str, which: str) -> torch.Tensor:
+    if which == "triton":
         from ..kernels import nearest_similarity_triton
 
-        return _back(nearest_similarity_triton(t, precision=precision), was_np)
-    return _back(nearest_similarity_torch(t, precision=precision), was_np)
+        return nearest_similarity_triton(t, precision=precision)
+    if which == "faiss":
+        from ..kernels import nearest_similarity_faiss
+
+        return nearest_similarity_faiss(t, precision=precision)
+    return nearest_similarity_torch(t, precision=precision)
 
 
 def mutual_scores(z, topmin: tuple[float, float] = (0.0, 0.3), *, compat: bool = False,
@@ -108,8 +138,13 @@ def mutual_scores(z, topmin: tuple[float, float] = (0.0, 0.3), *, compat: bool =
         [N, L] float64.
     """
     t, was_np = _to_tensor(z)
-    if backend("msm", t.device) == "triton":
-        k_min, k_max = interval_bounds(t.shape[0] - 1, topmin, compat=compat)
-        return _back(interval_mean_from_similarity(nearest_similarity(t, precision=precision),
-                                                   k_min, k_max), was_np)
-    return _back(mutual_scores_torch(t, topmin, compat=compat, precision=precision), was_np)
+    which = backend("msm", t.device, t.dtype)
+    if which == "torch":
+        return _back(mutual_scores_torch(t, topmin, compat=compat, precision=precision), was_np)
+    k_min, k_max = interval_bounds(t.shape[0] - 1, topmin, compat=compat)
+    sim = _nearest_similarity(t, precision, which)
+    if which == "triton":
+        from ..kernels import interval_mean_triton
+
+        return _back(interval_mean_triton(sim, k_min, k_max), was_np)
+    return _back(interval_mean_from_similarity(sim, k_min, k_max), was_np)
