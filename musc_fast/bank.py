@@ -84,7 +84,8 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no bytes copy
     return h.hexdigest()
 
 
@@ -371,6 +372,9 @@ class Bank:
         r_list = list(c.r_list)
         plan = plan_bank(b, m, length, max(t.shape[2] for t in self.tokens), n_layers=len(self.tokens),
                          n_r=len(r_list), topmin=c.topmin, device=dev)
+        if self._zcache is not None and self._zcache[0] == self._z_key(dev):
+            # a cache made by an earlier call: free memory no longer counts it, so keep using it
+            plan = dataclasses.replace(plan, cache_z=True, bank_chunk=m)
         cache = self._z_cache(dev, plan.bank_chunk, timer) if plan.cache_z else None
         acc = torch.zeros((b, length), dtype=torch.float64, device=dev)
         for q0 in range(0, b, plan.query_block):
@@ -399,9 +403,12 @@ class Bank:
                 del sims, zq
         return acc / (len(self.tokens) * len(r_list))
 
+    def _z_key(self, dev: torch.device) -> tuple:
+        return (str(dev), tuple(self.config.r_list), self._version)
+
     def _z_cache(self, dev: torch.device, chunk: int, timer: _Timer) -> dict[int, list[torch.Tensor]]:
         """The bank's Z for every (layer, r) on ``dev`` (float32), made once per contents and config."""
-        key = (str(dev), tuple(self.config.r_list), self._version)
+        key = self._z_key(dev)
         if self._zcache is not None and self._zcache[0] == key:
             return self._zcache[1]
         self._zcache = None

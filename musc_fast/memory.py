@@ -15,27 +15,34 @@ The big buffer of one (r, layer) MSM pass is the nearest-similarity table ``sim 
   would be 0.3 of the table: not worth a heap per patch.
 
 Other knobs: ``block_elems`` (one product block, default 64 Mi floats), ``rows_per_chunk`` (rows per
-top-k in the interval mean), ``map_chunk`` (images per upsampling chunk), and whether LNAMD makes all r
-at once (``lnamd_all_r``) or one r at a time (less memory, LayerNorm recomputed per r). Only
-``block_elems`` can change results, and only in the last float bit (matmul blocking); the plan keeps
-the default unless less than 2 GiB is free.
+top-k in the interval mean), ``map_chunk`` (images per upsampling chunk), and LNAMD: all r at once
+(``lnamd_all_r``) or one r at a time (LayerNorm recomputed per r), over all images or over chunks of
+``lnamd_chunk`` images written into one preallocated Z (LNAMD is per image). Only ``block_elems``
+and ``lnamd_chunk`` can change results, and only in the last float32 bit (matmul blocking, batched
+reductions); the plan keeps the defaults unless memory is short (``block_elems`` below a ~3 GiB
+budget). Distributed runs agree on one plan, so their results stay bit-identical.
 
-Expected peaks (z = N L C 4 bytes of one Z; tokens resident; LNAMD keeps the LN'd map + the Z's made so
-far + about 3 z of temporaries; the MSM phase keeps the Z's of the current r group + sim + one block +
-top-k temporaries):
+Expected peaks (z = N L C 4 bytes of one Z, z_img = L C 4; tokens resident; "fixed" = one product
+block + the top-k temporaries of one row chunk; the LNAMD phase and the MSM phase do not overlap):
 
-    all r at once: tokens + max((n_r + 3) z, n_r z + sim + fixed)
-    one r at a time: tokens + max(4 z, z + sim + fixed)
+    all r at once:           tokens + max((n_r + 3) z, n_r z + sim + fixed)
+    one r at a time:         tokens + max(4 z, z + sim + fixed)
+    LNAMD in chunks of k:    tokens + max(z + 4 k z_img, z + sim + fixed)
+    streaming b rows:        ... with sim replaced by b L N 4
+
+``estimate_peak_bytes`` is this model (tested); it excludes the interpreter, torch's own footprint
+and allocator slack.
 
 * Paper config on one GPU, N = 1000, divide_num = 1 (ViT-L-14-336, 518 px: L = 1369, C = 1024, fp16
-  tokens, 4 layers, r = 1, 3, 5): tokens 11.2 GB, z 5.6 GB, sim 5.5 GB, fixed about 1.5 GB.
-  All r at once: 11.2 + max(33.6, 23.8) = 44.8 GB; one r at a time: 11.2 + max(22.4, 12.6) = 33.6 GB.
-  Both fit an 80 GB or 141 GB card in full mode (no streaming); a 48 GB card gets one r at a time; a
-  24 GB card cannot hold the tokens plus 4 z (the floor of this design; LNAMD over image chunks would
-  lower it to about one z).
+  tokens, 4 layers, r = 1, 3, 5): tokens 11.2 GB, z 5.6 GB, sim 5.5 GB, fixed 0.9 GB.
+  All r at once: 11.2 + max(33.6, 23.2) = 44.9 GB (the plan on an 80 GB or 141 GB card: full table,
+  no streaming); one r at a time: 33.6 GB; LNAMD in chunks of 64: 23.2 GB; plus streaming 100 rows:
+  18.3 GB. The GPU path may use the Triton LNAMD/MSM kernels when the plan is the default one; their
+  temporaries are not in this model.
 * CPU, N = 500, ViT-B-16 at 224 px (L = 196, C = 768, fp32 tokens, 4 layers, r = 1, 3, 5): tokens
-  1.2 GB, z 0.30 GB, sim 0.20 GB: 1.2 + max(1.8, 0.9 + 0.2 + 0.3) = 3.0 GB plus the interpreter and
-  torch (about 0.5 GB) and the maps; ``bench/bench_memory.py`` measures it.
+  1.2 GB, z 0.30 GB, sim 0.20 GB: 1.2 + max(1.8, 1.3) = 3.0 GB, plus the interpreter and torch
+  (about 0.5 GB) and the maps; ``bench/bench_memory.py`` measures it (N = 100: 1.15 GB peak RSS
+  measured for 0.60 GB predicted + 0.51 GB baseline).
 """
 from __future__ import annotations
 
@@ -125,6 +132,10 @@ def available_bytes(device: torch.device | str = "cpu") -> int:
     return int(min(found))
 
 
+class MemoryWarning(UserWarning):
+    """The planned working set does not fit the memory budget even in the leanest mode."""
+
+
 @dataclass(frozen=True)
 class MemoryPlan:
     """Chunk sizes for the MSM passes of one ``score_features`` call.
@@ -136,6 +147,8 @@ class MemoryPlan:
         stream_rows: None = fill the whole ``[N, L, N]`` table (symmetric, fewest FLOPs); b = stream
             query row groups of b images (``[b, L, N]`` alive, twice the FLOPs).
         lnamd_all_r: LNAMD makes every r from one LayerNorm (faster) or one r at a time (less memory).
+        lnamd_chunk: None = LNAMD of all images at once; k = k images at a time into a preallocated Z
+            (temporaries of k images instead of N).
         budget_bytes: the budget this plan was made for (None: not planned, defaults).
     """
 
@@ -144,6 +157,7 @@ class MemoryPlan:
     map_chunk: int = DEFAULT_MAP_CHUNK
     stream_rows: int | None = None
     lnamd_all_r: bool = True
+    lnamd_chunk: int | None = None
     budget_bytes: int | None = None
 
     @property
@@ -153,9 +167,17 @@ class MemoryPlan:
 
     def describe(self) -> str:
         mode = "full table" if self.stream_rows is None else f"streaming {self.stream_rows} rows"
-        budget = "unplanned" if self.budget_bytes is None else f"budget {self.budget_bytes / 2**30:.2f} GiB"
+        budget = "unplanned" if self.budget_bytes is None else f"budget {_fmt(self.budget_bytes)}"
+        lnamd = "all images" if self.lnamd_chunk is None else f"{self.lnamd_chunk} images"
         return (f"{mode}, block {self.block_elems} elems, {self.rows_per_chunk} rows/top-k, "
-                f"LNAMD {'all r' if self.lnamd_all_r else 'one r'} at a time, {budget}")
+                f"LNAMD {'all r' if self.lnamd_all_r else 'one r'} x {lnamd} at a time, {budget}")
+
+
+def _fmt(nbytes: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def _k_max(n_others: int, topmin: tuple[float, float]) -> int:
@@ -166,9 +188,11 @@ def _k_max(n_others: int, topmin: tuple[float, float]) -> int:
         return max(1, interval_bounds(max(1, n_others), topmin)[1])
 
 
-def _fixed_bytes(block_elems: int, rows: int, length: int, k_max: int) -> int:
-    # product block + its windowed copy + the maxima; top-k temporaries of one row chunk
-    return 3 * 4 * block_elems + rows * length * k_max * _TOPK_BYTES
+def _fixed_bytes(block_elems: int, rows: int, length: int, k_max: int, n: int) -> int:
+    # product block (at most 4 query images x N partners) + its windowed copy + the maxima; top-k
+    # temporaries of one row chunk
+    block = min(block_elems, 4 * n * length * length)
+    return 3 * 4 * block + rows * length * k_max * _TOPK_BYTES
 
 
 def budget_for(device: torch.device | str, budget: int | None = None, safety: float = DEFAULT_SAFETY) -> int:
@@ -185,42 +209,76 @@ def plan_scoring(n: int, length: int, c: int, *, n_r: int, topmin: tuple[float, 
                  safety: float = DEFAULT_SAFETY) -> MemoryPlan:
     """Choose chunk sizes for scoring N images of L patches x C channels with ``n_r`` degrees per layer.
 
-    Order of preference: full table with all r at once; full table with one r at a time; streaming row
-    groups as large as the budget allows (at least one image). See the module docstring for the model.
+    Order of preference (fastest first): full table with all r at once; full table with one r at a
+    time; LNAMD over image chunks (one Z plus a chunk's temporaries alive); streaming row groups as
+    large as the budget allows (at least one image). See the module docstring for the model.
 
     Args:
         budget: bytes the working set may use; default ``safety`` x the free memory of ``device``
             (measured now, so resident tokens are already accounted for).
     """
     budget = budget_for(device, budget, safety)
-    z = n * length * c * 4
+    z_img = length * c * 4
+    z = n * z_img
     sim = n * length * n * 4
     k_max = _k_max(n - 1, topmin)
     block = DEFAULT_BLOCK_ELEMS
     if budget < 32 * 4 * DEFAULT_BLOCK_ELEMS:  # under 8 GiB of budget: smaller product blocks
         block = max(length * length, min(DEFAULT_BLOCK_ELEMS, budget // (16 * 4 * 3)))
     rows = max(1, min(DEFAULT_ROWS, budget // (8 * length * k_max * _TOPK_BYTES)))
-    fixed = _fixed_bytes(block, rows, length, k_max)
+    fixed = _fixed_bytes(block, rows, length, k_max, n)
     base = MemoryPlan(block_elems=block, rows_per_chunk=rows, budget_bytes=budget)
     if max((n_r + 3) * z, n_r * z + sim + fixed) <= budget:
         return base
     if max(4 * z, z + sim + fixed) <= budget:
         return replace(base, lnamd_all_r=False)
+    # LNAMD in image chunks: the Z being made plus 4 chunk-sized temporaries
+    chunk = int(max(1, min(n, (budget - z) // (4 * z_img))))
     per_row = length * n * 4
-    b = max(1, min(n, (budget - z - fixed) // per_row))
-    return replace(base, lnamd_all_r=False, stream_rows=None if b >= n else int(b))
+    if z + max(4 * z_img, per_row + fixed) > budget:
+        import warnings
+
+        warnings.warn(f"the memory budget ({_fmt(budget)}) is below the floor of this set (one Z of "
+                      f"{_fmt(z)} + one streamed row of {_fmt(per_row + fixed)} for N={n}); scoring may "
+                      f"run out of memory", MemoryWarning, stacklevel=2)
+    b = int(max(1, min(n, (budget - z - fixed) // per_row)))
+    return replace(base, lnamd_all_r=False, lnamd_chunk=None if chunk >= n else chunk,
+                   stream_rows=None if b >= n else b)
 
 
 def estimate_peak_bytes(n: int, length: int, c: int, *, n_layers: int, n_r: int, token_bytes: int,
                         plan: MemoryPlan, topmin: tuple[float, float] = (0.0, 0.3)) -> int:
-    """The model behind ``plan_scoring``: expected peak bytes of tokens + LNAMD + MSM (no backbone)."""
-    z = n * length * c * 4
+    """The model behind ``plan_scoring``: expected peak bytes of tokens + LNAMD + MSM (no backbone,
+    no interpreter, no allocator slack)."""
+    z_img = length * c * 4
+    z = n * z_img
     rows_n = n if plan.stream_rows is None else plan.stream_rows
     sim = rows_n * length * n * 4
-    fixed = _fixed_bytes(plan.block_elems, plan.rows_per_chunk, length, _k_max(n - 1, topmin))
+    fixed = _fixed_bytes(plan.block_elems, plan.rows_per_chunk, length, _k_max(n - 1, topmin), n)
     tokens = n_layers * n * length * c * token_bytes
     kept = n_r if plan.lnamd_all_r else 1
-    return tokens + max((kept + 3) * z, kept * z + sim + fixed)
+    lnamd = (kept + 3) * z if plan.lnamd_chunk is None else z + 4 * plan.lnamd_chunk * z_img
+    return tokens + max(lnamd, kept * z + sim + fixed)
+
+
+def lnamd_planned(tokens: torch.Tensor, r_list: list[int], plan: MemoryPlan) -> list[torch.Tensor]:
+    """``ops.lnamd_multi`` under the plan: all images at once, or image chunks written into one
+    preallocated Z per r (LNAMD is per image: the same values up to float32 rounding of batched
+    reductions, about 1 ulp).
+
+    Args:
+        tokens: [N, L, C]. Returns: one [N, L, C] float32 per r.
+    """
+    from . import ops
+
+    n = tokens.shape[0]
+    if plan.lnamd_chunk is None or plan.lnamd_chunk >= n:
+        return ops.lnamd_multi(tokens, r_list)
+    out = [torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device) for _ in r_list]
+    for s in range(0, n, plan.lnamd_chunk):
+        for dst, z in zip(out, ops.lnamd_multi(tokens[s:s + plan.lnamd_chunk], r_list)):
+            dst[s:s + plan.lnamd_chunk] = z
+    return out
 
 
 def full_similarity(z: torch.Tensor, *, precision: str = "fp32", block_elems: int = DEFAULT_BLOCK_ELEMS,
@@ -318,7 +376,7 @@ def plan_bank(n_query: int, n_bank: int, length: int, c: int, *, n_layers: int, 
     block = DEFAULT_BLOCK_ELEMS if left >= 32 * 4 * DEFAULT_BLOCK_ELEMS else \
         max(length * length, min(DEFAULT_BLOCK_ELEMS, left // (16 * 4 * 3)))
     rows = max(1, min(DEFAULT_ROWS, left // (8 * length * k_max * _TOPK_BYTES)))
-    left -= _fixed_bytes(block, rows, length, k_max)
+    left -= _fixed_bytes(block, rows, length, k_max, n_bank)
     chunk = n_bank if cache else max(1, min(n_bank, (left // 4) // ((n_r + 3) * per_image_z)))
     per_query = n_r * length * n_bank * 4 + (n_r + 3) * per_image_z
     query = max(1, min(n_query, (left // 2) // per_query))
@@ -327,7 +385,7 @@ def plan_bank(n_query: int, n_bank: int, length: int, c: int, *, n_layers: int, 
 
 
 __all__ = [
-    "ENV_BUDGET", "MemoryPlan", "BankPlan", "available_bytes", "parse_bytes", "budget_for", "plan_scoring",
-    "plan_bank", "estimate_peak_bytes", "score_pass", "full_similarity", "row_groups",
-    "mutual_scores_rows",
+    "ENV_BUDGET", "MemoryPlan", "MemoryWarning", "BankPlan", "available_bytes", "parse_bytes", "budget_for",
+    "plan_scoring", "plan_bank", "estimate_peak_bytes", "score_pass", "full_similarity", "row_groups",
+    "mutual_scores_rows", "lnamd_planned",
 ]

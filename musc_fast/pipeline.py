@@ -168,7 +168,7 @@ def score_features(
             sub = layer.to(dev) if whole else layer.to(dev).index_select(0, index)
             for rs in r_groups:
                 with timer.stage("lnamd"):
-                    zs = ops.lnamd_multi(sub, rs)
+                    zs = mem.lnamd_planned(sub, rs, memory)
                 for z in zs:
                     with timer.stage("msm"):
                         acc[index] += mem.score_pass(z, topmin, compat=compat, precision=msm_precision,

@@ -112,10 +112,14 @@ def test_chunked_bank_scoring_matches(monkeypatch):
     bank = Bank.from_features([t[:6] for t in tokens], config=_config())
     query = [t[6:] for t in tokens]
     big = bank.score_features(query)
+    assert bank._zcache is not None  # plenty of memory: the bank's Z stay cached between calls
+    np.testing.assert_array_equal(bank.score_features(query).patch_scores, big.patch_scores)
     monkeypatch.setenv("MUSC_FAST_MEMORY_BUDGET", "120K")
     plan = plan_bank(4, 6, 49, 16, n_layers=2, n_r=2, device="cpu")
     assert plan.query_block < 4 and plan.bank_chunk < 6 and not plan.cache_z  # really chunked
-    small = bank.score_features(query)
+    fresh = Bank.from_features([t[:6] for t in tokens], config=_config())
+    small = fresh.score_features(query)
+    assert fresh._zcache is None
     np.testing.assert_allclose(small.patch_scores, big.patch_scores, rtol=0, atol=ATOL_BLOCKS)
     for x in range(6, 10):
         np.testing.assert_allclose(big.patch_scores[x - 6].ravel(),
