@@ -156,7 +156,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         dataset=settings["dataset"], data_path=str(data_path), categories=[str(c) for c in categories],
         out=settings.get("out") or "output", vis=settings.get("vis"), save_xlsx=bool(settings.get("save_xlsx")),
         num_workers=settings.get("num_workers"), progress=not args.no_progress, debug=args.debug)
-    return _report(run(config, opts))
+    from . import distributed
+
+    distributed.init_from_env()  # no-op unless launched by torchrun
+    try:
+        summary = run(config, opts)
+        return _report(summary) if distributed.is_main_process() else (EXIT_FAILED if summary.failures else EXIT_OK)
+    finally:
+        distributed.destroy()
 
 
 def _report(summary) -> int:

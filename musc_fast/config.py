@@ -49,6 +49,9 @@ class MuScConfig:
             image scores, 0 for metrics of categories without anomalies).
         quick_gelu: CLIP activation. ``None`` reproduces the original's quirk (exact GELU when S is
             not the model's native size, SPEC 1.4); ``True``/``False`` force it.
+        aligned_window: aligned parts (MuSc issue 52): each patch's nearest-neighbour search only looks
+            at patches within +-w grid rows and columns of the same position in the other images;
+            0 = same-position distance; ``None`` (default) = the original full search.
     """
 
     backbone: str = "ViT-L-14-336"
@@ -66,6 +69,7 @@ class MuScConfig:
     msm_precision: str = "fp32"
     compat: bool = False
     quick_gelu: bool | None = None
+    aligned_window: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise sequences to tuples so that configs from YAML/CLI lists stay hashable and equal.
@@ -95,6 +99,9 @@ class MuScConfig:
             raise ValueError(f"precision must be auto, fp32, fp16 or bf16, got {self.precision!r}")
         if self.msm_precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"msm_precision must be fp32, bf16 or fp16, got {self.msm_precision!r}")
+        w = self.aligned_window
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise ValueError(f"aligned_window must be None (full search) or an integer >= 0, got {w!r}")
 
     # --- presets -------------------------------------------------------------------------------
     @classmethod

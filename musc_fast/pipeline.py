@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from .backbones import Backbone, build_backbone
 from .config import MuScConfig
 from .ops.boxgram import boxgram_enabled, mutual_scores_multi
 from .ops.lnamd import grid_of, layer_norm_chw
+
+if TYPE_CHECKING:
+    from .memory import MemoryPlan
 
 STAGES = ("load", "backbone", "lnamd", "msm", "maps", "rscin")
 
@@ -35,6 +38,9 @@ class Result:
         patch_scores: [N, G, G] float64, the mean over layers and r of the MSM scores.
         anomaly_maps: [N, S, S] float32, ``patch_scores`` upsampled bilinearly (align_corners=True).
         timings: milliseconds per stage for all N images (keys from ``STAGES`` that ran).
+        labels: [N] bool, True = NG (anomalous), set when a threshold was applied
+            (``musc_fast.threshold``); None otherwise.
+        masks: [N, S, S] bool, ``anomaly_maps`` > the pixel threshold, set with ``labels``.
     """
 
     image_scores: np.ndarray
@@ -42,6 +48,8 @@ class Result:
     patch_scores: np.ndarray
     anomaly_maps: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    labels: np.ndarray | None = None
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.image_scores)
@@ -107,6 +115,8 @@ def score_features(
     msm_precision: str = "fp32",
     subsets: Sequence[Sequence[int]] | None = None,
     device: str | torch.device | None = None,
+    aligned_window: int | None = None,
+    memory: "MemoryPlan | None" = None,
     _timer: _Timer | None = None,
 ) -> Result:
     """Everything after the backbone: LNAMD, MSM, maps, image scores and RsCIN.
@@ -119,6 +129,11 @@ def score_features(
         subsets: disjoint index lists that each are scored on their own (``divide_num``); default all
             images together. RsCIN always sees all images.
         device: where to compute; default the device of the first token tensor.
+        aligned_window: restrict each patch's nearest-neighbour search to +-w grid steps around its
+            own position (``MuScConfig.aligned_window``); None = the full search.
+        memory: chunk sizes (``musc_fast.memory.MemoryPlan``); default planned from the free memory of
+            ``device`` (the full similarity table when it fits, streaming row groups when not). Under
+            torch.distributed with several ranks the passes are sharded (``musc_fast.distributed``).
     Returns:
         ``Result`` for the N images.
     """
@@ -135,31 +150,49 @@ def score_features(
     g = grid_of(length)
     groups = _check_subsets(subsets, n)
     timer = _timer or _Timer(dev)
+    # --- production (memory plan, aligned window, distributed): see musc_fast.memory ---
+    from . import distributed
+    from . import memory as mem
+
+    if memory is None:
+        budget = distributed.min_over_ranks(mem.budget_for(dev))  # ranks must agree on the blocks
+        memory = mem.plan_scoring(max(len(i) for i in groups), length, tokens[0].shape[2],
+                                  n_r=len(r_list), topmin=topmin, device=dev, budget=budget)
+    r_groups = [list(r_list)] if memory.lnamd_all_r else [[r] for r in r_list]
 
     acc = torch.zeros((n, length), dtype=torch.float64, device=dev)
     n_passes = len(tokens) * len(r_list)
-    one_gram = boxgram_enabled() and ops.backend("msm", dev) == "torch"
+    one_gram = (boxgram_enabled() and ops.backend("msm", dev) == "torch" and aligned_window is None
+                and distributed.world_size() == 1
+                and mem.fits_one_gram(memory, max(len(i) for i in groups), length, tokens[0].shape[2],
+                                      len(r_list)))
     for idx in groups:
         index = torch.as_tensor(idx, device=dev)
+        whole = idx == list(range(n))  # no copy of the tokens when all images score together
         for layer in tokens:
-            subset = layer.to(dev).index_select(0, index)
+            sub = layer.to(dev) if whole else layer.to(dev).index_select(0, index)
             if one_gram:  # every r of the layer from one Gram block per pair (ops/boxgram.py)
                 with timer.stage("lnamd"):
-                    normed = layer_norm_chw(subset)
+                    normed = layer_norm_chw(sub)
                 with timer.stage("msm"):
                     acc[index] += mutual_scores_multi(normed, list(r_list), topmin, compat=compat,
-                                                      precision=msm_precision).sum(0)
+                                                      precision=msm_precision,
+                                                      block_elems=memory.block_elems).sum(0)
+                del normed, sub
                 continue
-            with timer.stage("lnamd"):
-                zs = ops.lnamd_multi(subset, list(r_list))
-            for z in zs:
-                with timer.stage("msm"):
-                    acc[index] += ops.mutual_scores(z, topmin, compat=compat, precision=msm_precision)
-            del zs
+            for rs in r_groups:
+                with timer.stage("lnamd"):
+                    zs = mem.lnamd_planned(sub, rs, memory)
+                for z in zs:
+                    with timer.stage("msm"):
+                        acc[index] += mem.score_pass(z, topmin, compat=compat, precision=msm_precision,
+                                                     plan=memory, window=aligned_window)
+                del zs
+            del sub
     patch = acc / n_passes
 
     with timer.stage("maps"):
-        maps, raw = ops.maps_and_image_scores(patch.view(n, g, g), image_size)
+        maps, raw = ops.maps_and_image_scores(patch.view(n, g, g), image_size, chunk=memory.map_chunk)
     with timer.stage("rscin"):
         if cls_tokens is None or 0 in tuple(rscin_k):
             final = raw.numpy().copy()
@@ -273,8 +306,13 @@ class MuSc:
         """
         c = self.config
         timer = _Timer(self.device)
+        from . import distributed
+
+        # under torch.distributed each rank decodes and embeds its share of the batches
+        local = distributed.local_indices(len(images), c.batch_size)
         with timer.stage("load"):
-            pixels = self.preprocess(images, progress=progress)
+            pixels = self.preprocess(images if local is None else distributed.select(images, local),
+                                     progress=progress)
         if subsets is None and c.divide_num > 1:
             if isinstance(images, torch.Tensor) or not all(isinstance(p, (str, Path)) for p in images):
                 raise ValueError("divide_num > 1 groups images by their parent folder and needs image paths")
@@ -284,7 +322,10 @@ class MuSc:
         need_cls = 0 not in c.rscin_k
         with timer.stage("backbone"):
             tokens, cls = self.extract(pixels, progress=progress, need_cls=need_cls)
+            if local is not None:
+                tokens = [distributed.gather_batches(t, len(images), c.batch_size) for t in tokens]
+                cls = None if cls is None else distributed.gather_batches(cls, len(images), c.batch_size)
         return score_features(
             tokens, cls, image_size=c.image_size, r_list=c.r_list, topmin=c.topmin, rscin_k=c.rscin_k,
             compat=c.compat, msm_precision=c.msm_precision, subsets=subsets, device=self.device,
-            _timer=timer)
+            aligned_window=c.aligned_window, _timer=timer)

@@ -110,9 +110,21 @@ def write_category(root: Path, category: Category, result: Result, masks: np.nda
         outputs.write_png(folder / "fullres" / f"{stem}.png", full)
 
 
+def _silent(_: str) -> None:
+    pass
+
+
 def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
         log: Callable[[str], None] = print) -> RunSummary:
-    """Evaluate every requested category; returns the summary (failures included, never raised)."""
+    """Evaluate every requested category; returns the summary (failures included, never raised).
+
+    Under torchrun every rank scores (the work is sharded inside) and only the main rank writes.
+    """
+    from . import distributed
+
+    writer = distributed.is_main_process()
+    if not writer:
+        log = _silent
     model = model or MuSc(config, num_workers=opts.num_workers)
     root = outputs.run_root(opts.out, opts.dataset, config.backbone, config.image_size)
     names = resolve_categories(opts)
@@ -127,7 +139,8 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
             t_metrics = time.perf_counter()
             metrics, masks = category_metrics(category, result, config, opts.num_workers, opts.progress)
             t_vis = time.perf_counter()
-            write_category(root, category, result, masks, opts.vis)
+            if writer:
+                write_category(root, category, result, masks, opts.vis)
             t_end = time.perf_counter()
         except (DatasetError, ValueError, OSError, RuntimeError) as exc:
             failures[name] = " ".join(str(exc).split()) or type(exc).__name__
@@ -146,11 +159,12 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
             "seconds": time.perf_counter() - t0,
         }
         per_category[name] = entry
-        outputs.write_json(root / outputs.safe_component(name) / "result.json", {**extra, **entry})
-        outputs.write_results(root, per_category, {**extra, "failures": failures}, opts.save_xlsx)
+        if writer:
+            outputs.write_json(root / outputs.safe_component(name) / "result.json", {**extra, **entry})
+            outputs.write_results(root, per_category, {**extra, "failures": failures}, opts.save_xlsx)
         shown = ", ".join(f"{k} {v:.2f}" for k, v in entry["metrics"].items() if v is not None)
         log(f"[{name}] {len(category)} images, {timings['total']:.1f} ms/image (MuSc stages)"
             + (f": {shown}" if shown else ""))
-    if failures:  # the last write may predate a later failure
+    if failures and writer:  # the last write may predate a later failure
         outputs.write_results(root, per_category, {**extra, "failures": failures}, opts.save_xlsx)
     return RunSummary(root, per_category, failures)

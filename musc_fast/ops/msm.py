@@ -26,7 +26,8 @@ def _matmul_dtype(z: torch.Tensor, precision: str) -> torch.dtype:
 
 
 def nearest_similarity_torch(z: torch.Tensor, *, precision: str = "fp32",
-                             block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
+                             block_elems: int = DEFAULT_BLOCK_ELEMS,
+                             window: int | None = None) -> torch.Tensor:
     """Nearest-patch similarity for every ordered pair of distinct images.
 
     Works on query blocks: images I = [i0, i1) against all images J = [i0, N) in one product
@@ -39,25 +40,17 @@ def nearest_similarity_torch(z: torch.Tensor, *, precision: str = "fp32",
         precision: matmul inputs in ``"fp32"`` (exact; TF32 stays off) or ``"bf16"``/``"fp16"``
             (tensor cores on GPU, fp32 accumulation).
         block_elems: bound on the elements of one product block (memory knob).
+        window: aligned-parts search (``MuScConfig.aligned_window``): only patches within +-window grid
+            steps (row and column) of the same position count; None = the full search.
     Returns:
         sim: [N, L, N] float32, ``sim[i, p, j] = max_q <Z_i[p], Z_j[q]>`` for j != i and -inf for j == i.
     """
     n, length, c = z.shape
     flat = z.to(_matmul_dtype(z, precision)).reshape(n * length, c)
     sim = torch.empty((n, length, n), dtype=torch.float32, device=z.device)
-    per_pair = length * length
-    for i0, i1 in _query_blocks(n, per_pair, block_elems):
-        b = i1 - i0
-        # Partner images J = [i0, N), in chunks so that one block stays within the budget.
-        step = max(1, block_elems // (b * per_pair))
-        for j0 in range(i0, n, step):
-            j1 = min(n, j0 + step)
-            block = (flat[i0 * length:i1 * length] @ flat[j0 * length:j1 * length].T).float()
-            block = block.view(b, length, j1 - j0, length)
-            sim[i0:i1, :, j0:j1] = block.amax(dim=3)  # I's patches -> nearest in each j
-            lo = max(j0, i1)  # partners after the query block get their direction from the columns
-            if lo < j1:
-                sim[lo:j1, :, i0:i1] = block[:, :, lo - j0:].amax(dim=1).permute(1, 2, 0)
+    bias = window_bias(grid_side(length), window, z.device) if window is not None else None
+    for task in pair_tasks(n, length, block_elems):
+        fill_pair_block(flat, sim, task, length, bias)
     sim.diagonal(dim1=0, dim2=2).fill_(float("-inf"))
     return sim
 
@@ -107,3 +100,145 @@ def mutual_scores_torch(z: torch.Tensor, topmin: tuple[float, float] = (0.0, 0.3
     k_min, k_max = interval_bounds(z.shape[0] - 1, topmin, compat=compat)
     sim = nearest_similarity_torch(z, precision=precision, block_elems=block_elems)
     return interval_mean_from_similarity(sim, k_min, k_max)
+
+
+# ---- production: block schedule, cross-set similarity, aligned-parts window --------------------------
+# (musc_fast.memory streams with these, musc_fast.distributed shards ``pair_tasks``, musc_fast.bank
+# scores new images against stored ones with ``cross_similarity_torch``.)
+
+
+def grid_side(length: int) -> int:
+    """G for L = G * G patches (a non-square L is an error)."""
+    from .lnamd import grid_of
+
+    return grid_of(length)
+
+
+def pair_tasks(n: int, length: int,
+               block_elems: int = DEFAULT_BLOCK_ELEMS) -> list[tuple[int, int, int, int]]:
+    """The product blocks of ``nearest_similarity_torch``, in its order: (i0, i1, j0, j1) = query images
+    [i0, i1) against partner images [j0, j1), j0 >= i0. Every entry sim[i, :, j] (i != j) is written by
+    exactly one task, so tasks can run on different processes and be merged with an elementwise max."""
+    per_pair = length * length
+    tasks = []
+    for i0, i1 in _query_blocks(n, per_pair, block_elems):
+        step = max(1, block_elems // ((i1 - i0) * per_pair))
+        tasks.extend((i0, i1, j0, min(n, j0 + step)) for j0 in range(i0, n, step))
+    return tasks
+
+
+def fill_pair_block(flat: torch.Tensor, sim: torch.Tensor, task: tuple[int, int, int, int], length: int,
+                    bias: torch.Tensor | None = None) -> None:
+    """Compute one product block and write both directions into ``sim``.
+
+    Args:
+        flat: [N * L, C] unit rows in the matmul dtype.
+        sim: [N, L, N] float32 output, written in place.
+        task: (i0, i1, j0, j1) from ``pair_tasks``.
+        bias: optional [L, L] float32, 0 inside the aligned window and -inf outside.
+    """
+    i0, i1, j0, j1 = task
+    b = i1 - i0
+    block = (flat[i0 * length:i1 * length] @ flat[j0 * length:j1 * length].T).float()
+    block = block.view(b, length, j1 - j0, length)
+    if bias is not None:
+        block = block + bias[None, :, None, :]  # the window is symmetric: rows and columns both honour it
+    sim[i0:i1, :, j0:j1] = block.amax(dim=3)  # I's patches -> nearest in each j
+    lo = max(j0, i1)  # partners after the query block get their direction from the columns
+    if lo < j1:
+        sim[lo:j1, :, i0:i1] = block[:, :, lo - j0:].amax(dim=1).permute(1, 2, 0)
+
+
+def window_bias(g: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[L, L] float32: 0 where patches p and q are within ``window`` grid steps in both row and column,
+    -inf elsewhere (L = G * G, row-major)."""
+    if window < 0:
+        raise ValueError(f"aligned window must be >= 0, got {window}")
+    pos = torch.arange(g * g, device=device)
+    row, col = pos // g, pos % g
+    near = ((row[:, None] - row[None, :]).abs() <= window) & ((col[:, None] - col[None, :]).abs() <= window)
+    bias = torch.zeros((g * g, g * g), dtype=torch.float32, device=device)
+    return bias.masked_fill_(~near, float("-inf"))
+
+
+def use_window_shifts(window: int, length: int) -> bool:
+    """Shifted elementwise products beat a masked full product when the window holds few patches:
+    (2w+1)^2 products per patch instead of L (the shifts run at a lower FLOP rate, hence the margin)."""
+    w = min(window, grid_side(length) - 1)
+    return 4 * (2 * w + 1) ** 2 <= length
+
+
+def _window_shift_similarity(zq: torch.Tensor, zr: torch.Tensor, window: int, dtype: torch.dtype,
+                             block_elems: int) -> torch.Tensor:
+    """Aligned search by grid shifts: for each offset (dr, dc) in the window, one batched product per
+    grid position. Returns [b, L, m] float32 (max over the window of <zq[p], zr[p + offset]>)."""
+    b, length, c = zq.shape
+    m = zr.shape[0]
+    g = grid_side(length)
+    w = min(window, g - 1)
+    q = zq.to(dtype).view(b, g, g, c)
+    out = torch.empty((b, length, m), dtype=torch.float32, device=zq.device)
+    step = max(1, block_elems // max(1, b * length))  # reference images per chunk
+    for m0 in range(0, m, step):
+        m1 = min(m, m0 + step)
+        r = zr[m0:m1].to(dtype).view(m1 - m0, g, g, c)
+        best = torch.full((g, g, b, m1 - m0), float("-inf"), dtype=torch.float32, device=zq.device)
+        for dr in range(-w, w + 1):
+            r0, r1 = max(0, -dr), min(g, g - dr)
+            for dc in range(-w, w + 1):
+                c0, c1 = max(0, -dc), min(g, g - dc)
+                qa = q[:, r0:r1, c0:c1].permute(1, 2, 0, 3).reshape(-1, b, c)
+                ra = r[:, r0 + dr:r1 + dr, c0 + dc:c1 + dc].permute(1, 2, 3, 0).reshape(-1, c, m1 - m0)
+                prod = torch.bmm(qa, ra).float().view(r1 - r0, c1 - c0, b, m1 - m0)
+                best[r0:r1, c0:c1] = torch.maximum(best[r0:r1, c0:c1], prod)
+        out[:, :, m0:m1] = best.view(length, b, m1 - m0).permute(1, 0, 2)
+    return out
+
+
+def cross_similarity_torch(zq: torch.Tensor, zr: torch.Tensor, *, precision: str = "fp32",
+                           block_elems: int = DEFAULT_BLOCK_ELEMS, window: int | None = None) -> torch.Tensor:
+    """Nearest-patch similarity of query images in reference images (one direction, no self exclusion).
+
+    Args:
+        zq: [b, L, C] unit rows (queries).
+        zr: [m, L, C] unit rows (references, e.g. a bank chunk).
+        window: aligned-parts window (see ``nearest_similarity_torch``); None = full search.
+    Returns:
+        [b, L, m] float32, ``out[i, p, j] = max_q <zq[i, p], zr[j, q]>``.
+    """
+    b, length, c = zq.shape
+    m = zr.shape[0]
+    if zr.shape[1:] != (length, c):
+        raise ValueError(f"queries are [b, {length}, {c}] but references are {tuple(zr.shape)}")
+    dtype = _matmul_dtype(zq, precision)
+    if window is not None and use_window_shifts(window, length):
+        return _window_shift_similarity(zq, zr, window, dtype, block_elems)
+    bias = window_bias(grid_side(length), window, zq.device) if window is not None else None
+    q = zq.to(dtype).reshape(b * length, c)
+    r = zr.to(dtype).reshape(m * length, c)
+    out = torch.empty((b, length, m), dtype=torch.float32, device=zq.device)
+    per_pair = length * length
+    qs = max(1, min(4, block_elems // max(1, m * per_pair)))
+    rs = max(1, block_elems // (qs * per_pair))
+    for i0 in range(0, b, qs):
+        i1 = min(b, i0 + qs)
+        for j0 in range(0, m, rs):
+            j1 = min(m, j0 + rs)
+            block = (q[i0 * length:i1 * length] @ r[j0 * length:j1 * length].T).float()
+            block = block.view(i1 - i0, length, j1 - j0, length)
+            if bias is not None:
+                block = block + bias[None, :, None, :]
+            out[i0:i1, :, j0:j1] = block.amax(dim=3)
+    return out
+
+
+def nearest_similarity_rows(z: torch.Tensor, i0: int, i1: int, *, precision: str = "fp32",
+                            block_elems: int = DEFAULT_BLOCK_ELEMS,
+                            window: int | None = None) -> torch.Tensor:
+    """Rows [i0, i1) of ``nearest_similarity_torch(z)`` without the rest: [i1 - i0, L, N] float32, -inf
+    on the self entries. Only row maxima are used (no symmetry), so it costs about twice the FLOPs per
+    row; memory is O((i1 - i0) L N) instead of O(N L N)."""
+    sim = cross_similarity_torch(z[i0:i1], z, precision=precision, block_elems=block_elems, window=window)
+    k = torch.arange(i1 - i0, device=z.device)
+    sim[k, :, k + i0] = float("-inf")
+    return sim

@@ -129,3 +129,38 @@ def rscin_reference(scores: np.ndarray, gram: np.ndarray, keeps: list[np.ndarray
             row = np.where(keep[i], w[i], 0.0)
             out[i] += (row * s_hat).sum() / row.sum()
     return out / len(keeps)
+
+
+# ---- production: aligned-parts window (MuSc issue 52) --------------------------------------------------
+def mutual_scores_aligned_reference(z: np.ndarray, window: int, topmin: tuple[float, float] = (0.0, 0.3),
+                                    compat: bool = False) -> np.ndarray:
+    """MSM with the nearest-patch search limited to a window around the same grid position, float64.
+
+    Patch p = (row, col) of image i is compared only with patches q = (row', col') of image j with
+    |row - row'| <= window and |col - col'| <= window; window = 0 is the same-position distance.
+    Everything else is SPEC 3 (self excluded, mean of the sorted per-image minima [k_min, k_max)).
+
+    Args:
+        z: [N, L, C] unit rows, L = G*G row-major.
+        window: >= 0 grid steps.
+    Returns:
+        [N, L] float64.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    n, length, _ = z.shape
+    g = math.isqrt(length)
+    k_min, k_max = interval_bounds(n - 1, topmin, compat=compat)
+    out = np.empty((n, length))
+    for i in range(n):
+        for p in range(length):
+            row, col = divmod(p, g)
+            rows = range(max(0, row - window), min(g, row + window + 1))
+            cols = range(max(0, col - window), min(g, col + window + 1))
+            near = [r * g + c for r in rows for c in cols]
+            dists = []
+            for j in range(n):
+                if j != i:
+                    dists.append(np.sqrt(((z[j, near] - z[i, p]) ** 2).sum(axis=1)).min())
+            dists = np.sort(dists)
+            out[i, p] = dists[k_min:k_max].mean() if k_max > k_min else np.nan
+    return out

@@ -1,0 +1,127 @@
+"""Support for the production tests: a tiny deterministic backbone, seeded inputs, and the worker that
+tests/test_distributed.py launches with ``python -m torch.distributed.run --nproc-per-node 2``.
+
+Run as a script: ``production_support.py OUT.npz`` computes every case under torch.distributed and rank
+0 writes the outputs; ``cases()`` computes the same cases in one process for comparison.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+if __package__ in (None, ""):  # launched as a script by torchrun: make ``musc_fast`` and ``tests`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from musc_fast.backbones.base import (  # noqa: E402
+    IMAGENET_PREPROCESS,
+    Backbone,
+    BackboneOutput,
+    register_backbone,
+)
+from musc_fast.config import MuScConfig  # noqa: E402
+
+FAKE_NAME = "_fake_test"
+
+
+class FakeBackbone(Backbone):
+    """Patch-embedding conv + two small heads: [B, 3, S, S] -> tokens [B, (S/8)^2, C_l] for two layers
+    (C = 12 and 10) and a cls token [B, 6]. Weights come from a fixed seed, so every process builds
+    the same model."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.name, self.patch_size, self.depth = FAKE_NAME, 8, 2
+        self.layers, self.embed_dim, self.cls_dim = (0, 1), 12, 6
+        self.preprocess = IMAGENET_PREPROCESS
+        gen = torch.Generator().manual_seed(seed)
+        self.embed = nn.Conv2d(3, 16, 8, 8)
+        self.heads = nn.ModuleList([nn.Linear(16, 12), nn.Linear(16, 10)])
+        self.cls_head = nn.Linear(16, 6)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+
+    def forward(self, images: torch.Tensor, need_cls: bool = True) -> BackboneOutput:
+        x = torch.tanh(self.embed(images).flatten(2).transpose(1, 2))  # [B, L, 16]
+        tokens = [self.heads[0](x), self.heads[1](torch.relu(x))]
+        return BackboneOutput(tokens=tokens, cls=self.cls_head(x.mean(dim=1)) if need_cls else None)
+
+
+def register_fake() -> None:
+    """Register ``FakeBackbone`` under ``_fake_test`` (once) so that the CLI can build it by name."""
+    from musc_fast.backbones.base import _REGISTRY, _import_builtin_backbones
+
+    _import_builtin_backbones()
+    if FAKE_NAME not in _REGISTRY:
+        register_backbone(FAKE_NAME)(lambda name, **kw: FakeBackbone())
+
+
+def fake_config(**overrides) -> MuScConfig:
+    base = dict(backbone=FAKE_NAME, pretrained=None, image_size=32, layers=(0, 1), r_list=(1, 3),
+                batch_size=2, device="cpu", precision="fp32")
+    return MuScConfig(**{**base, **overrides})
+
+
+def fake_images(n: int, seed: int = 0) -> torch.Tensor:
+    """[n, 3, 32, 32] in [0, 1]: one shared pattern plus noise; image 1 has a bright square (a defect)."""
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.rand((1, 3, 32, 32), generator=gen)
+    x = (0.8 * base + 0.2 * torch.rand((n, 3, 32, 32), generator=gen)).clamp(0, 1)
+    if n > 1:
+        x[1, :, 8:16, 16:24] = 1.0
+    return x
+
+
+def random_layers(n: int, length: int, channels: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    """Seeded token layers [n, length, C] float32 with a shared per-position pattern."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for c in channels:
+        proto = torch.randn((1, length, c), generator=gen)
+        out.append(proto + 0.7 * torch.randn((n, length, c), generator=gen))
+    return out
+
+
+def cases() -> dict[str, np.ndarray]:
+    """Every case the distributed test compares; patch scores [N, G, G] float64 (and image scores)."""
+    from musc_fast import MuSc, score_features
+    from musc_fast.memory import MemoryPlan
+
+    out: dict[str, np.ndarray] = {}
+    layers = random_layers(9, 49, (16, 12), seed=1)
+    full = score_features(layers, None, image_size=28, r_list=(1, 3),
+                          memory=MemoryPlan(block_elems=3 * 49 * 49))
+    out["full"] = full.patch_scores
+    stream = score_features(layers, None, image_size=28, r_list=(1, 3),
+                            memory=MemoryPlan(stream_rows=2, lnamd_all_r=False))
+    out["stream"] = stream.patch_scores
+    aligned = score_features(layers, None, image_size=28, r_list=(1,), aligned_window=1, memory=MemoryPlan())
+    out["aligned_shift"] = aligned.patch_scores
+    masked = score_features(layers, None, image_size=28, r_list=(1,), aligned_window=3, memory=MemoryPlan())
+    out["aligned_mask"] = masked.patch_scores
+    model = MuSc(fake_config(rscin_k=(1, 2)), backbone=FakeBackbone())
+    res = model.score(fake_images(7), progress=False)
+    out["musc_patch"] = res.patch_scores
+    out["musc_image"] = res.image_scores
+    return out
+
+
+def main(path: str) -> None:
+    from musc_fast import distributed
+
+    torch.set_num_threads(1)  # the same matmul threading as the one-process comparison
+    assert distributed.init_from_env(), "expected torchrun's environment"
+    assert distributed.world_size() == 2
+    results = cases()
+    if distributed.is_main_process():
+        np.savez(path, **results)
+    distributed.barrier()
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
