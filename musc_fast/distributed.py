@@ -179,6 +179,28 @@ def nearest_similarity_distributed(z: torch.Tensor, *, precision: str = "fp32",
     return sim
 
 
+def nearest_similarity_multi_distributed(x: torch.Tensor, r_list, *, precision: str = "fp32",
+                                         block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
+    """``ops.boxgram.nearest_similarity_multi_torch`` (every r from one Gram block) computed by all ranks
+    together: the blocks are dealt by cost and one ``all_reduce(MAX)`` merges the [R, N, L, N] tables.
+
+    Args:
+        x: [N, L, C] LayerNorm'd tokens, the same on every rank.
+    """
+    from .ops.boxgram import boxgram_inputs, boxgram_tasks, fill_boxgram_block
+    from .ops.lnamd import grid_of
+
+    n, length, _ = x.shape
+    feats, by_patch, inv_norms = boxgram_inputs(x, r_list, precision)
+    sim = torch.full((len(r_list), n, length, n), float("-inf"), dtype=torch.float32, device=x.device)
+    tasks = boxgram_tasks(n, length, block_elems)
+    owners = shard_by_cost([j1 - j0 for _, j0, j1 in tasks], world_size())
+    for task, owner in zip(tasks, owners):
+        if owner == rank():
+            fill_boxgram_block(feats, by_patch, inv_norms, sim, task, grid_of(length), r_list)
+    return _all_reduce(sim, dist.ReduceOp.MAX) if world_size() > 1 else sim
+
+
 def mutual_scores_distributed(z: torch.Tensor, topmin: tuple[float, float] = (0.0, 0.3), *,
                               compat: bool = False, precision: str = "fp32",
                               plan: MemoryPlan | None = None, window: int | None = None) -> torch.Tensor:

@@ -163,7 +163,6 @@ def score_features(
     acc = torch.zeros((n, length), dtype=torch.float64, device=dev)
     n_passes = len(tokens) * len(r_list)
     one_gram = (boxgram_enabled() and ops.backend("msm", dev) == "torch" and aligned_window is None
-                and distributed.world_size() == 1
                 and mem.fits_one_gram(memory, max(len(i) for i in groups), length, tokens[0].shape[2],
                                       len(r_list)))
     for idx in groups:

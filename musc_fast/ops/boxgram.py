@@ -59,6 +59,40 @@ def box_filter_gram(gram: torch.Tensor, g: int, r: int) -> torch.Tensor:
     return x.reshape(g * g, g * g, m)
 
 
+def boxgram_tasks(n: int, length: int, block_elems: int = DEFAULT_BLOCK_ELEMS) -> list[tuple[int, int, int]]:
+    """The product blocks of the one-Gram path: (i, j0, j1) = query image i against partners [j0, j1),
+    j0 > i. Every entry of the [R, N, L, N] tables (off the diagonal) is written by exactly one task, so
+    tasks can run on different processes and be merged with an elementwise max."""
+    # The block and a few same-sized temporaries per r live at once: budget them together.
+    step = max(1, block_elems // (4 * length * length))
+    return [(i, j0, min(n, j0 + step)) for i in range(n - 1) for j0 in range(i + 1, n, step)]
+
+
+def boxgram_inputs(x: torch.Tensor, r_list, precision: str = "fp32"):
+    """(features [N, L, C] in the matmul dtype, the same patch-major [L, N, C], 1/||B_r x|| [R, N, L])."""
+    x32 = x.float()
+    inv_norms = torch.stack([box_mean(x32, r).norm(dim=-1) for r in r_list]).clamp_min_(1e-12).reciprocal_()
+    feats = x32.to(_matmul_dtype(x, precision))
+    # Partners interleaved patch-major so that a product block comes out as [L, L * m] with the
+    # partner index innermost: every box-filter shift is then a long contiguous add.
+    return feats, feats.transpose(0, 1).contiguous(), inv_norms
+
+
+def fill_boxgram_block(feats: torch.Tensor, by_patch: torch.Tensor, inv_norms: torch.Tensor,
+                       sim: torch.Tensor, task: tuple[int, int, int], g: int, r_list) -> None:
+    """One Gram block, box-filtered and normalised per r, both directions written into ``sim``."""
+    i, j0, j1 = task
+    length, c = feats.shape[1:]
+    m = j1 - j0
+    gram = (feats[i] @ by_patch[:, j0:j1].reshape(length * m, c).T).float().view(length, length, m)
+    for k, r in enumerate(r_list):
+        # One pass for the box divisor and both norms: s = filtered / (r^4 n_i(p) n_j(q)).
+        scale = inv_norms[k, i][:, None, None] * (inv_norms[k, j0:j1].T / float(r ** 4))
+        s = gram * scale if r == 1 else box_filter_gram(gram, g, r).mul_(scale)
+        sim[k, i, :, j0:j1] = s.amax(dim=1)  # i's patches -> nearest in each j
+        sim[k, j0:j1, :, i] = s.amax(dim=0).T  # each j's patches -> nearest in i
+
+
 def nearest_similarity_multi_torch(x: torch.Tensor, r_list: tuple[int, ...] | list[int], *,
                                    precision: str = "fp32",
                                    block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
@@ -73,29 +107,12 @@ def nearest_similarity_multi_torch(x: torch.Tensor, r_list: tuple[int, ...] | li
     Returns:
         sim: [R, N, L, N] float32, ``sim[k, i, p, j] = max_q s_{r_k}(p, q)`` for j != i, -inf for j == i.
     """
-    n, length, c = x.shape
+    n, length, _ = x.shape
     g = grid_of(length)
-    x32 = x.float()
-    # 1 / ||B_r x(p)||: [R, N, L]
-    inv_norms = torch.stack([box_mean(x32, r).norm(dim=-1) for r in r_list]).clamp_min_(1e-12).reciprocal_()
-    feats = x32.to(_matmul_dtype(x, precision))
-    # Partners interleaved patch-major ([L, N, C]) so that a product block comes out as [L, L * m]
-    # with the partner index innermost.
-    by_patch = feats.transpose(0, 1).contiguous()
+    feats, by_patch, inv_norms = boxgram_inputs(x, r_list, precision)
     sim = torch.full((len(r_list), n, length, n), float("-inf"), dtype=torch.float32, device=x.device)
-    # The block and a few same-sized temporaries per r live at once: budget them together.
-    step = max(1, block_elems // (4 * length * length))
-    for i in range(n - 1):
-        for j0 in range(i + 1, n, step):
-            j1 = min(n, j0 + step)
-            m = j1 - j0
-            gram = (feats[i] @ by_patch[:, j0:j1].reshape(length * m, c).T).float().view(length, length, m)
-            for k, r in enumerate(r_list):
-                # One pass for the box divisor and both norms: s = filtered / (r^4 n_i(p) n_j(q)).
-                scale = inv_norms[k, i][:, None, None] * (inv_norms[k, j0:j1].T / float(r ** 4))
-                s = gram * scale if r == 1 else box_filter_gram(gram, g, r).mul_(scale)
-                sim[k, i, :, j0:j1] = s.amax(dim=1)  # i's patches -> nearest in each j
-                sim[k, j0:j1, :, i] = s.amax(dim=0).T  # each j's patches -> nearest in i
+    for task in boxgram_tasks(n, length, block_elems):
+        fill_boxgram_block(feats, by_patch, inv_norms, sim, task, g, r_list)
     return sim
 
 
@@ -109,6 +126,10 @@ def mutual_scores_multi(x: torch.Tensor, r_list: tuple[int, ...] | list[int],
     Returns:
         [R, N, L] float64, equal to ``mutual_scores(lnamd(tokens, r))`` for each r (within fp32 rounding).
     """
+    from .. import distributed  # several ranks share the blocks when launched by torchrun
+
     k_min, k_max = interval_bounds(x.shape[0] - 1, topmin, compat=compat)
-    sim = nearest_similarity_multi_torch(x, r_list, precision=precision, block_elems=block_elems)
+    nearest = (distributed.nearest_similarity_multi_distributed if distributed.world_size() > 1
+               else nearest_similarity_multi_torch)
+    sim = nearest(x, r_list, precision=precision, block_elems=block_elems)
     return torch.stack([interval_mean_from_similarity(s, k_min, k_max) for s in sim])
