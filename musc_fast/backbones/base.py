@@ -6,7 +6,9 @@ requested layers and one image-level token, from ONE forward pass:
     images [B, 3, S, S] float (already preprocessed)
       -> BackboneOutput(tokens=[ [B, L, C] per requested layer, in request order ], cls=[B, D])
 
-L = G * G patches in row-major grid order, CLS/register tokens removed.
+L = G * G patches in row-major grid order, CLS/register tokens removed. ``forward(images,
+need_cls=False)`` stops after the deepest tapped layer and returns ``cls=None`` (the image token is
+defined after the last block, so it needs the full depth).
 """
 from __future__ import annotations
 
@@ -40,7 +42,15 @@ IMAGENET_PREPROCESS = Preprocess("bilinear", IMAGENET_MEAN, IMAGENET_STD)
 @dataclass
 class BackboneOutput:
     tokens: list[torch.Tensor]  # one [B, L, C] per requested layer
-    cls: torch.Tensor  # [B, D]
+    cls: torch.Tensor | None  # [B, D]; None when forward ran with need_cls=False
+
+
+def check_layers(name: str, layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """Validate 0-based layer indices against ``depth``; returns them as a tuple of ints."""
+    layers = tuple(int(x) for x in layers)
+    if not layers or any(x < 0 or x >= depth for x in layers):
+        raise ValueError(f"{name}: layers must be 0-based indices in [0, {depth - 1}], got {list(layers)}")
+    return layers
 
 
 class Backbone(nn.Module):
@@ -51,9 +61,10 @@ class Backbone(nn.Module):
         patch_size: p, the stride of one token on the input image (pixels).
         depth: number of tappable layers (valid layer indices are 0..depth-1).
         layers: the requested 0-based layer indices, in request order.
-        embed_dim: C, the width of the tapped tokens.
+        embed_dim: C, the width of the tapped tokens (the widest one if they differ, see ``tap_dims``).
         cls_dim: D, the width of the image-level token.
         preprocess: the input transform this backbone expects.
+        image_size: S, the square input side the backbone was built for.
     """
 
     name: str = ""
@@ -63,12 +74,28 @@ class Backbone(nn.Module):
     embed_dim: int = 0
     cls_dim: int = 0
     preprocess: Preprocess = IMAGENET_PREPROCESS
+    image_size: int = 0
+
+    @property
+    def tap_dims(self) -> tuple[int, ...]:
+        """C of each requested layer's tokens, in request order (a CNN's stages differ in width)."""
+        return tuple(self.embed_dim for _ in self.layers)
 
     def grid_size(self, image_size: int) -> int:
         """G for a square input of side ``image_size`` (the patch conv floors, SPEC 1.2)."""
         return image_size // self.patch_size
 
-    def forward(self, images: torch.Tensor) -> BackboneOutput:  # pragma: no cover - abstract
+    def check_images(self, images: torch.Tensor) -> None:
+        """Raise ValueError unless ``images`` is [B, 3, S, S] with the grid this backbone was built for."""
+        g = self.grid_size(self.image_size)
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] \
+                or images.shape[2] // self.patch_size != g:
+            raise ValueError(
+                f"{self.name}: images must be [B, 3, S, S] with S // {self.patch_size} == {g} "
+                f"(built for image_size={self.image_size}), got {list(images.shape)}"
+            )
+
+    def forward(self, images: torch.Tensor, need_cls: bool = True) -> BackboneOutput:  # pragma: no cover
         raise NotImplementedError
 
 
