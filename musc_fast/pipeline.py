@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import ops
 from .backbones import Backbone, build_backbone
 from .config import MuScConfig
-from .ops.boxgram import boxgram_enabled, mutual_scores_multi
+from .ops.boxgram import mutual_scores_multi, use_boxgram
 from .ops.lnamd import grid_of, layer_norm_chw
 
 if TYPE_CHECKING:
@@ -162,14 +162,15 @@ def score_features(
 
     acc = torch.zeros((n, length), dtype=torch.float64, device=dev)
     n_passes = len(tokens) * len(r_list)
-    one_gram = (boxgram_enabled() and ops.backend("msm", dev) == "torch" and aligned_window is None
-                and mem.fits_one_gram(memory, max(len(i) for i in groups), length, tokens[0].shape[2],
-                                      len(r_list)))
+    torch_msm = ops.backend("msm", dev) == "torch" and aligned_window is None
     for idx in groups:
         index = torch.as_tensor(idx, device=dev)
         whole = idx == list(range(n))  # no copy of the tokens when all images score together
         for layer in tokens:
             sub = layer.to(dev) if whole else layer.to(dev).index_select(0, index)
+            c = layer.shape[2]
+            one_gram = torch_msm and use_boxgram(dev, c) and mem.fits_one_gram(memory, len(idx), length, c,
+                                                                                len(r_list))
             if one_gram:  # every r of the layer from one Gram block per pair (ops/boxgram.py)
                 with timer.stage("lnamd"):
                     normed = layer_norm_chw(sub)

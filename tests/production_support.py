@@ -94,15 +94,13 @@ def cases() -> dict[str, np.ndarray]:
 
     out: dict[str, np.ndarray] = {}
     layers = random_layers(9, 49, (16, 12), seed=1)
-    full = score_features(layers, None, image_size=28, r_list=(1, 3),
-                          memory=MemoryPlan(block_elems=3 * 49 * 49))
-    out["full"] = full.patch_scores  # the one-Gram path (default)
-    os.environ["MUSC_FAST_BOXGRAM"] = "0"  # and the per-r passes
-    try:
-        out["full_per_r"] = score_features(layers, None, image_size=28, r_list=(1, 3),
-                                           memory=MemoryPlan(block_elems=3 * 49 * 49)).patch_scores
-    finally:
-        del os.environ["MUSC_FAST_BOXGRAM"]
+    for name, switch in (("full", "1"), ("full_per_r", "0")):  # the one-Gram path and the per-r passes
+        os.environ["MUSC_FAST_BOXGRAM"] = switch
+        try:
+            out[name] = score_features(layers, None, image_size=28, r_list=(1, 3),
+                                       memory=MemoryPlan(block_elems=3 * 49 * 49)).patch_scores
+        finally:
+            del os.environ["MUSC_FAST_BOXGRAM"]
     stream = score_features(layers, None, image_size=28, r_list=(1, 3),
                             memory=MemoryPlan(stream_rows=2, lnamd_all_r=False))
     out["stream"] = stream.patch_scores

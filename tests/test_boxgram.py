@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from musc_fast.ops import SmallBatchWarning
-from musc_fast.ops.boxgram import box_filter_gram, boxgram_enabled, mutual_scores_multi
+from musc_fast.ops.boxgram import MIN_CHANNELS_CPU, box_filter_gram, mutual_scores_multi, use_boxgram
 from musc_fast.ops.lnamd import box_mean, layer_norm_chw, lnamd_torch
 from musc_fast.ops.msm import mutual_scores_torch
 from musc_fast.ops.reference import lnamd_reference, mutual_scores_reference
@@ -92,13 +92,16 @@ def test_real_tokens_from_the_golden_run(golden, layer):
 
 
 def test_switch(monkeypatch):
-    monkeypatch.delenv("MUSC_FAST_BOXGRAM", raising=False)
-    assert boxgram_enabled()
+    monkeypatch.delenv("MUSC_FAST_BOXGRAM", raising=False)  # auto: wide tokens on the CPU only
+    assert use_boxgram("cpu", MIN_CHANNELS_CPU) and not use_boxgram("cpu", MIN_CHANNELS_CPU - 1)
+    assert not use_boxgram("cuda", 1024)
+    monkeypatch.setenv("MUSC_FAST_BOXGRAM", "1")
+    assert use_boxgram("cpu", 8) and use_boxgram("cuda", 8)
     monkeypatch.setenv("MUSC_FAST_BOXGRAM", "0")
-    assert not boxgram_enabled()
+    assert not use_boxgram("cpu", 1024)
     monkeypatch.setenv("MUSC_FAST_BOXGRAM", "maybe")
     with pytest.raises(ValueError, match="MUSC_FAST_BOXGRAM"):
-        boxgram_enabled()
+        use_boxgram("cpu", 1024)
 
 
 def test_pipeline_default_equals_per_r_pipeline(monkeypatch):

@@ -8,7 +8,8 @@ z_r(p) = B_r x(p) / ||B_r x(p)||. Hence the similarity of patch p of image i and
 i.e. a 4-D box filter (over p's grid rows/columns and q's grid rows/columns, zero padded) of the ONE
 raw Gram block X_i X_j^T, divided by norms of the cheap explicit box means. The r passes of a layer
 need one matrix product instead of len(r_list). ``MUSC_FAST_BOXGRAM=0`` switches the pipeline back to
-per-r passes.
+per-r passes, ``=1`` forces this path; the default ``auto`` uses it where it is measured to pay
+(``use_boxgram``).
 """
 from __future__ import annotations
 
@@ -20,13 +21,32 @@ from .interval import interval_bounds
 from .lnamd import box_mean, grid_of
 from .msm import DEFAULT_BLOCK_ELEMS, _matmul_dtype, interval_mean_from_similarity
 
+# Below this token width the box filters (memory-bound, ~25 passes over each L x L block) cost more
+# than the matmuls they save on a CPU: measured crossover C ~ 300 (N=40, G=16, 1 thread: 0.87x at
+# C=256, 1.34x at C=384, 1.84x at C=768; G=37, C=1024: 1.98x).
+MIN_CHANNELS_CPU = 384
 
-def boxgram_enabled() -> bool:
-    """``MUSC_FAST_BOXGRAM`` (default 1): score all r of a layer from one Gram block."""
-    value = os.environ.get("MUSC_FAST_BOXGRAM", "1").strip().lower()
-    if value not in ("0", "1", "false", "true", "off", "on"):
-        raise ValueError(f"MUSC_FAST_BOXGRAM={value!r} must be 0 or 1")
-    return value in ("1", "true", "on")
+
+def boxgram_mode() -> str:
+    """``MUSC_FAST_BOXGRAM``: ``auto`` (default), ``1`` (always) or ``0`` (never, per-r passes)."""
+    value = os.environ.get("MUSC_FAST_BOXGRAM", "auto").strip().lower()
+    modes = {"auto": "auto", "1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off"}
+    if value not in modes:
+        raise ValueError(f"MUSC_FAST_BOXGRAM={value!r} must be auto, 1 or 0")
+    return modes[value]
+
+
+def use_boxgram(device: torch.device | str, channels: int) -> bool:
+    """Whether a layer of ``channels``-wide tokens is scored by the one-Gram path on ``device``.
+
+    ``auto`` uses it on the CPU for C >= ``MIN_CHANNELS_CPU``. On CUDA the unfused filters would read and
+    write every L x L block ~25 times at memory speed while a tensor-core matmul of the same block costs
+    about as much as one such pass, so ``auto`` keeps the per-r passes there (a fused kernel is future work).
+    """
+    mode = boxgram_mode()
+    if mode != "auto":
+        return mode == "on"
+    return torch.device(device).type == "cpu" and channels >= MIN_CHANNELS_CPU
 
 
 def _box_sum_along(x: torch.Tensor, dim: int, r: int) -> torch.Tensor:
