@@ -48,6 +48,7 @@ from .ops.interval import interval_bounds
 from .ops.msm import (
     DEFAULT_BLOCK_ELEMS,
     _matmul_dtype,
+    block_workspace,
     fill_pair_block,
     grid_side,
     interval_mean_from_similarity,
@@ -170,9 +171,10 @@ def nearest_similarity_distributed(z: torch.Tensor, *, precision: str = "fp32",
         bias = window_bias(grid_side(length), window, z.device) if window is not None else None
         tasks = pair_tasks(n, length, block_elems)
         owners = shard_by_cost([(i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in tasks], world)
+        work = block_workspace(tasks, length, z.device) if tasks else None
         for task, owner in zip(tasks, owners):
             if owner == me:
-                fill_pair_block(flat, sim, task, length, bias)
+                fill_pair_block(flat, sim, task, length, bias, work)
     if world > 1:
         sim = _all_reduce(sim, dist.ReduceOp.MAX)
     sim.diagonal(dim1=0, dim2=2).fill_(float("-inf"))
@@ -187,7 +189,7 @@ def nearest_similarity_multi_distributed(x: torch.Tensor, r_list, *, precision: 
     Args:
         x: [N, L, C] LayerNorm'd tokens, the same on every rank.
     """
-    from .ops.boxgram import boxgram_inputs, boxgram_tasks, fill_boxgram_block
+    from .ops.boxgram import boxgram_inputs, boxgram_tasks, boxgram_workspace, fill_boxgram_block
     from .ops.lnamd import grid_of
 
     n, length, _ = x.shape
@@ -195,9 +197,10 @@ def nearest_similarity_multi_distributed(x: torch.Tensor, r_list, *, precision: 
     sim = torch.full((len(r_list), n, length, n), float("-inf"), dtype=torch.float32, device=x.device)
     tasks = boxgram_tasks(n, length, block_elems)
     owners = shard_by_cost([j1 - j0 for _, j0, j1 in tasks], world_size())
+    work = boxgram_workspace(tasks, length, x.device) if tasks else None
     for task, owner in zip(tasks, owners):
         if owner == rank():
-            fill_boxgram_block(feats, by_patch, inv_norms, sim, task, grid_of(length), r_list)
+            fill_boxgram_block(feats, by_patch, inv_norms, sim, task, grid_of(length), r_list, work)
     return _all_reduce(sim, dist.ReduceOp.MAX) if world_size() > 1 else sim
 
 

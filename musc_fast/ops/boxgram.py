@@ -19,7 +19,7 @@ import torch
 
 from .interval import interval_bounds
 from .lnamd import box_mean, grid_of
-from .msm import DEFAULT_BLOCK_ELEMS, _matmul_dtype, interval_mean_from_similarity
+from .msm import DEFAULT_BLOCK_ELEMS, _matmul_dtype, interval_mean_from_similarity, product_into
 
 # Below this token width the box filters (memory-bound, ~25 passes over each L x L block) cost more
 # than the matmuls they save on a CPU: measured crossover C ~ 300 (N=40, G=16, 1 thread: 0.87x at
@@ -49,9 +49,9 @@ def use_boxgram(device: torch.device | str, channels: int) -> bool:
     return torch.device(device).type == "cpu" and channels >= MIN_CHANNELS_CPU
 
 
-def _box_sum_along(x: torch.Tensor, dim: int, r: int) -> torch.Tensor:
-    """Sum over the window of r entries centred on each index of ``dim`` (zero padded)."""
-    out = x.clone()
+def _box_sum_along(x: torch.Tensor, dim: int, r: int, out: torch.Tensor) -> torch.Tensor:
+    """Sum over the window of r entries centred on each index of ``dim`` (zero padded), into ``out``."""
+    out.copy_(x)
     n = x.shape[dim]
     for shift in range(1, min((r - 1) // 2, n - 1) + 1):
         out.narrow(dim, 0, n - shift).add_(x.narrow(dim, shift, n - shift))
@@ -59,23 +59,29 @@ def _box_sum_along(x: torch.Tensor, dim: int, r: int) -> torch.Tensor:
     return out
 
 
-def box_filter_gram(gram: torch.Tensor, g: int, r: int) -> torch.Tensor:
+def box_filter_gram(gram: torch.Tensor, g: int, r: int,
+                    work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """4-D box sum of Gram blocks over both patch grids (divide by r**4 for the box mean).
 
     Args:
         gram: [L, L, m] values <x_i(p), x_j(q)> for one query image i and m partners j
             (p, q row-major over a g x g grid). Partners innermost, so that every shift below is a
             long contiguous add.
+        work: two flat float32 buffers of at least ``gram.numel()`` elements to ping-pong between
+            (default: fresh tensors).
     Returns:
-        [L, L, m]: r**4 <B_r x_i(p), B_r x_j(q)>, B_r the r x r zero-padded box mean of LNAMD; a new
-        tensor for r > 1, ``gram`` itself for r = 1.
+        [L, L, m]: r**4 <B_r x_i(p), B_r x_j(q)>, B_r the r x r zero-padded box mean of LNAMD; a view of
+        one of the work buffers for r > 1, ``gram`` itself for r = 1.
     """
     if r == 1:
         return gram
     m = gram.shape[-1]
-    x = gram.reshape(g, g, g, g, m)
-    for dim in range(4):  # p-row, p-col, q-row, q-col: separable
-        x = _box_sum_along(x, dim, r)
+    shape = (g, g, g, g, m)
+    bufs = [w[:gram.numel()].view(shape) for w in work] if work is not None else \
+        [torch.empty(shape, dtype=gram.dtype, device=gram.device) for _ in range(2)]
+    x = gram.reshape(shape)
+    for dim in range(4):  # p-row, p-col, q-row, q-col: separable; ping-pong between the buffers
+        x = _box_sum_along(x, dim, r, bufs[dim % 2])
     return x.reshape(g * g, g * g, m)
 
 
@@ -98,17 +104,31 @@ def boxgram_inputs(x: torch.Tensor, r_list, precision: str = "fp32"):
     return feats, feats.transpose(0, 1).contiguous(), inv_norms
 
 
+def boxgram_workspace(tasks: list[tuple[int, int, int]], length: int, device) -> tuple[torch.Tensor, ...]:
+    """Three flat float32 buffers (the Gram block and two filter buffers) for the largest task, reused by
+    every block: fresh multi-MB tensors per block cost page faults on the CPU (see ``block_workspace``)."""
+    numel = max(j1 - j0 for _, j0, j1 in tasks) * length * length
+    return tuple(torch.empty(numel, dtype=torch.float32, device=device) for _ in range(3))
+
+
 def fill_boxgram_block(feats: torch.Tensor, by_patch: torch.Tensor, inv_norms: torch.Tensor,
-                       sim: torch.Tensor, task: tuple[int, int, int], g: int, r_list) -> None:
-    """One Gram block, box-filtered and normalised per r, both directions written into ``sim``."""
+                       sim: torch.Tensor, task: tuple[int, int, int], g: int, r_list,
+                       work: tuple[torch.Tensor, ...] | None = None) -> None:
+    """One Gram block, box-filtered and normalised per r, both directions written into ``sim``.
+
+    ``work``: ``boxgram_workspace`` buffers (default: fresh tensors)."""
     i, j0, j1 = task
     length, c = feats.shape[1:]
     m = j1 - j0
-    gram = (feats[i] @ by_patch[:, j0:j1].reshape(length * m, c).T).float().view(length, length, m)
+    gram = product_into(feats[i], by_patch[:, j0:j1].reshape(length * m, c).T, work[0] if work else None)
+    gram = gram.view(length, length, m)
     for k, r in enumerate(r_list):
         # One pass for the box divisor and both norms: s = filtered / (r^4 n_i(p) n_j(q)).
         scale = inv_norms[k, i][:, None, None] * (inv_norms[k, j0:j1].T / float(r ** 4))
-        s = gram * scale if r == 1 else box_filter_gram(gram, g, r).mul_(scale)
+        if r == 1:
+            s = gram * scale if work is None else torch.mul(gram, scale, out=work[1][:gram.numel()].view(gram.shape))
+        else:
+            s = box_filter_gram(gram, g, r, work[1:] if work else None).mul_(scale)
         sim[k, i, :, j0:j1] = s.amax(dim=1)  # i's patches -> nearest in each j
         sim[k, j0:j1, :, i] = s.amax(dim=0).T  # each j's patches -> nearest in i
 
@@ -131,8 +151,10 @@ def nearest_similarity_multi_torch(x: torch.Tensor, r_list: tuple[int, ...] | li
     g = grid_of(length)
     feats, by_patch, inv_norms = boxgram_inputs(x, r_list, precision)
     sim = torch.full((len(r_list), n, length, n), float("-inf"), dtype=torch.float32, device=x.device)
-    for task in boxgram_tasks(n, length, block_elems):
-        fill_boxgram_block(feats, by_patch, inv_norms, sim, task, g, r_list)
+    tasks = boxgram_tasks(n, length, block_elems)
+    work = boxgram_workspace(tasks, length, x.device) if tasks else None
+    for task in tasks:
+        fill_boxgram_block(feats, by_patch, inv_norms, sim, task, g, r_list, work)
     return sim
 
 

@@ -49,8 +49,10 @@ def nearest_similarity_torch(z: torch.Tensor, *, precision: str = "fp32",
     flat = z.to(_matmul_dtype(z, precision)).reshape(n * length, c)
     sim = torch.empty((n, length, n), dtype=torch.float32, device=z.device)
     bias = window_bias(grid_side(length), window, z.device) if window is not None else None
-    for task in pair_tasks(n, length, block_elems):
-        fill_pair_block(flat, sim, task, length, bias)
+    tasks = pair_tasks(n, length, block_elems)
+    work = block_workspace(tasks, length, z.device) if tasks else None
+    for task in tasks:
+        fill_pair_block(flat, sim, task, length, bias, work)
     sim.diagonal(dim1=0, dim2=2).fill_(float("-inf"))
     return sim
 
@@ -127,8 +129,25 @@ def pair_tasks(n: int, length: int,
     return tasks
 
 
+def block_workspace(tasks: list[tuple[int, ...]], length: int, device: torch.device | str) -> torch.Tensor:
+    """One flat float32 buffer large enough for the biggest product block of ``tasks``.
+
+    Reused by every block of a call: on the CPU, a fresh multi-MB tensor per block goes through mmap and
+    page faults (glibc), which measured up to 20x slower than the matmul itself on small C.
+    """
+    numel = max(((t[1] - t[0]) if len(t) == 4 else 1) * (t[-1] - t[-2]) for t in tasks) * length * length
+    return torch.empty(numel, dtype=torch.float32, device=device)
+
+
+def product_into(a: torch.Tensor, b_t: torch.Tensor, work: torch.Tensor | None) -> torch.Tensor:
+    """a @ b_t as float32, written into ``work`` (a flat buffer) when given and the inputs are fp32."""
+    if work is None or a.dtype != torch.float32:
+        return (a @ b_t).float()
+    return torch.mm(a, b_t, out=work[:a.shape[0] * b_t.shape[1]].view(a.shape[0], b_t.shape[1]))
+
+
 def fill_pair_block(flat: torch.Tensor, sim: torch.Tensor, task: tuple[int, int, int, int], length: int,
-                    bias: torch.Tensor | None = None) -> None:
+                    bias: torch.Tensor | None = None, work: torch.Tensor | None = None) -> None:
     """Compute one product block and write both directions into ``sim``.
 
     Args:
@@ -136,13 +155,14 @@ def fill_pair_block(flat: torch.Tensor, sim: torch.Tensor, task: tuple[int, int,
         sim: [N, L, N] float32 output, written in place.
         task: (i0, i1, j0, j1) from ``pair_tasks``.
         bias: optional [L, L] float32, 0 inside the aligned window and -inf outside.
+        work: optional flat float32 buffer for the block (``block_workspace``).
     """
     i0, i1, j0, j1 = task
     b = i1 - i0
-    block = (flat[i0 * length:i1 * length] @ flat[j0 * length:j1 * length].T).float()
+    block = product_into(flat[i0 * length:i1 * length], flat[j0 * length:j1 * length].T, work)
     block = block.view(b, length, j1 - j0, length)
     if bias is not None:
-        block = block + bias[None, :, None, :]  # the window is symmetric: rows and columns both honour it
+        block += bias[None, :, None, :]  # the window is symmetric: rows and columns both honour it
     sim[i0:i1, :, j0:j1] = block.amax(dim=3)  # I's patches -> nearest in each j
     lo = max(j0, i1)  # partners after the query block get their direction from the columns
     if lo < j1:
