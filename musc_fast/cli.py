@@ -35,7 +35,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", help=f"start from a preset: {', '.join(PRESETS)}")
     g.add_argument("--backbone", help="backbone name (musc-fast env lists them)")
-    g.add_argument("--pretrained", type=_tag, help="weights tag for the normal download path; 'none' = random")
+    g.add_argument("--pretrained", type=_tag, default=argparse.SUPPRESS,  # absent unless given: 'none' -> None
+                   help="weights tag for the normal download path; 'none' = random")
     g.add_argument("--weights", help="a local weights file (.pt/.pth/.safetensors), for air-gapped machines")
     g.add_argument("--image-size", type=int, help="input side S (the maps are S x S)")
     g.add_argument("--layers", type=int, nargs="+", help="0-based blocks to tap")
@@ -117,7 +118,12 @@ def _load_yaml(path: str) -> dict[str, Any]:
 def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
     """YAML settings overridden by the flags that were given."""
     settings = _load_yaml(args.config) if getattr(args, "config", None) else {}
+    if isinstance(settings.get("pretrained"), str):
+        settings["pretrained"] = _tag(settings["pretrained"])
     for key in RUN_KEYS + CONFIG_KEYS:
+        if key == "pretrained" and hasattr(args, key):  # None here means "none" was asked for
+            settings[key] = args.pretrained
+            continue
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value

@@ -379,8 +379,13 @@ class MuSc:
             subsets = divide_indices([str(p) for p in paths], c.divide_num)
         need_cls = 0 not in c.rscin_k
         keep = [i for i in range(len(images)) if i not in failed] if failed else None
-        if keep is not None and local is None:  # one process: unreadable files never reach the backbone
-            pixels = pixels[torch.as_tensor(keep, dtype=torch.long)]
+        if keep is not None:
+            if len(keep) < 2:
+                raise DatasetError(f"{len(failed)} of {len(images)} image files cannot be read (first: "
+                                   f"{next(iter(failed.values()))}); MuSc needs at least 2 readable images")
+            subsets = None if subsets is None else _remap_subsets(subsets, keep)
+            if local is None:  # one process: unreadable files never reach the backbone
+                pixels = pixels[torch.as_tensor(keep, dtype=torch.long)]
         with timer.stage("backbone"):
             tokens, cls = self.extract(pixels, progress=progress, need_cls=need_cls)
             if local is not None:
@@ -390,11 +395,6 @@ class MuSc:
                     sel = torch.as_tensor(keep, dtype=torch.long, device=tokens[0].device)
                     tokens = [t.index_select(0, sel) for t in tokens]
                     cls = None if cls is None else cls.index_select(0, sel.to(cls.device))
-        if keep is not None:
-            if len(keep) < 2:
-                raise DatasetError(f"{len(failed)} of {len(images)} image files cannot be read (first: "
-                                   f"{next(iter(failed.values()))}); MuSc needs at least 2 readable images")
-            subsets = None if subsets is None else _remap_subsets(subsets, keep)
         try:
             result = score_features(
                 tokens, cls, image_size=c.image_size, r_list=c.r_list, topmin=c.topmin, rscin_k=c.rscin_k,

@@ -6,10 +6,11 @@ Order of work, chosen so that bad input fails early and no finished work is lost
    path-like category is a DatasetError, which the CLI reports with exit code 2) and the backbone is
    built (unknown name or tag, weights of another architecture, layers out of range, image size not a
    multiple of the patch: ValueError, exit 2).
-2. Per category: its old ``result.json`` is removed, the images are scored (unreadable files skipped
-   and listed, or an error with ``strict``), metrics computed, then ``scores.csv`` and heat maps
-   written, ``result.json`` LAST, then the run's ``results.csv``/``results.json`` rewritten. Every file
-   is written atomically, so a category is finished exactly when its ``result.json`` exists.
+2. Per category: the images are scored (unreadable files skipped and listed, or an error with
+   ``strict``) and metrics computed; then its old ``result.json`` is removed, ``scores.csv`` and heat
+   maps written, ``result.json`` LAST, then the run's ``results.csv``/``results.json`` rewritten. Every
+   file is written atomically, so a category is finished exactly when its ``result.json`` exists, and
+   a failure before the writes leaves an earlier run's files of that category untouched.
 3. ``resume``: a category whose ``result.json`` was written with the same data set, config, heat-map
    mode and input files (names, sizes, modification times) is not scored again; its numbers are read
    back, so the run's results include it.
@@ -290,8 +291,12 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
             if distributed.min_over_ranks(int(entry is not None)):  # every rank must agree to skip it
                 done[c.name] = entry
     model = model or MuSc(config, num_workers=opts.num_workers)
+    run_notes: list[str] = []
     if len(done) < len(categories):
-        _ = model.backbone  # bad backbone settings fail here, before any scoring
+        with captured_warnings() as run_notes:
+            _ = model.backbone  # bad backbone settings fail here, before any scoring
+        for note in run_notes:
+            log(f"warning: {note}")
     per_category: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     flagged: dict[str, str] = {}
@@ -300,7 +305,8 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
     def save_results() -> None:
         skipped = [{"category": c, **s} for c, v in per_category.items() for s in v.get("skipped", [])]
         outputs.write_results(root, per_category, {**extra, "failures": failures, "flagged": flagged,
-                                                   "skipped": skipped, "resumed": list(done)}, opts.save_xlsx)
+                                                   "skipped": skipped, "resumed": list(done),
+                                                   "warnings": run_notes}, opts.save_xlsx)
 
     for category in categories:
         name = category.name
@@ -312,8 +318,6 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
             continue
         t0 = time.perf_counter()
         try:
-            if writer:
-                outputs.remove_file(cat_dir / "result.json")  # "finished" must mean finished by this attempt
             with captured_warnings() as notes:
                 result = score_category(model, category, progress=opts.progress,
                                         on_error="raise" if opts.strict else "skip")
@@ -323,6 +327,8 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
                 metrics, masks = category_metrics(scored, result, config, opts.num_workers, opts.progress)
             t_vis = time.perf_counter()
             if writer:
+                # the marker goes before its files are replaced: result.json present <=> its files are complete
+                outputs.remove_file(cat_dir / "result.json")
                 write_category(root, scored, result, masks, opts.vis)
             t_end = time.perf_counter()
         except Exception as exc:
