@@ -33,6 +33,12 @@ block + the top-k temporaries of one row chunk; the LNAMD phase and the MSM phas
 ``estimate_peak_bytes`` is this model (tested); it excludes the interpreter, torch's own footprint
 and allocator slack.
 
+When CUDA runs out of memory anyway (other processes, fragmentation), ``OomRetry`` repeats the failed
+step with ``MemoryPlan.degraded()``: smaller product blocks first, then one r at a time, streaming rows,
+LNAMD chunks (a MemoryWarning each time; not under several torch.distributed ranks, which must agree
+on the blocks). A CPU allocation failure is not retried: Linux kills the process rather than raising,
+so CPU runs rely on the plan fitting ``available_bytes`` up front.
+
 * Paper config on one GPU, N = 1000, divide_num = 1 (ViT-L-14-336, 518 px: L = 1369, C = 1024, fp16
   tokens, 4 layers, r = 1, 3, 5): tokens 11.2 GB, z 5.6 GB, sim 5.5 GB, fixed 0.9 GB.
   All r at once: 11.2 + max(33.6, 23.2) = 44.9 GB (the plan on an 80 GB or 141 GB card: full table,

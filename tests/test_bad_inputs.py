@@ -107,6 +107,13 @@ def test_all_images_unreadable_fails_the_category(tmp_path, data, capsys):
     assert code == 1 and "FAILED texture: 8 of 8 image files cannot be read" in err
 
 
+def test_unreadable_mask_fails_the_category_naming_it(tmp_path, data, capsys):
+    mask = data / "texture" / "ground_truth" / "color" / "000_mask.png"
+    mask.write_bytes(mask.read_bytes()[:100])
+    code, _, err = _run(capsys, data, tmp_path / "out")
+    assert code == 1 and f"FAILED texture: {mask}: cannot read file" in err
+
+
 # ------------------------------------------------------------------------------------------------
 # image modes, sizes and shapes
 
