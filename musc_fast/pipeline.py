@@ -170,16 +170,17 @@ def score_features(
     from . import distributed
     from . import memory as mem
 
-    n_max, c = max(len(i) for i in groups), tokens[0].shape[2]
+    n_max = max(len(i) for i in groups)
     if memory is None:
         budget = distributed.min_over_ranks(mem.budget_for(dev))  # ranks must agree on the blocks
-        memory = mem.plan_scoring(n_max, length, c, n_r=len(r_list), topmin=topmin, device=dev, budget=budget)
+        memory = mem.plan_scoring(n_max, length, tokens[0].shape[2], n_r=len(r_list), topmin=topmin, device=dev,
+                                  budget=budget)
     # out of memory (CUDA) while scoring: shrink the plan and repeat the failed step (memory.OomRetry)
     retry = mem.OomRetry(memory, n_max, length, dev)
 
-    def one_gram(plan: "MemoryPlan") -> bool:
+    def one_gram(plan: "MemoryPlan", n_sub: int, c_layer: int) -> bool:  # decided per layer and plan
         return (boxgram_enabled() and ops.backend("msm", dev) == "torch" and aligned_window is None
-                and mem.fits_one_gram(plan, n_max, length, c, len(r_list)))
+                and mem.fits_one_gram(plan, n_sub, length, c_layer, len(r_list)))
 
     def gram_pass(normed: torch.Tensor, plan: "MemoryPlan") -> torch.Tensor:
         return mutual_scores_multi(normed, list(r_list), topmin, compat=compat, precision=msm_precision,
@@ -195,12 +196,13 @@ def score_features(
         whole = idx == list(range(n))  # no copy of the tokens when all images score together
         for layer in tokens:
             sub = layer.to(dev) if whole else layer.to(dev).index_select(0, index)
-            if one_gram(retry.plan):  # every r of the layer from one Gram block per pair (ops/boxgram.py)
+            fits = partial(one_gram, n_sub=len(idx), c_layer=layer.shape[2])
+            if fits(retry.plan):  # every r of the layer from one Gram block per pair (ops/boxgram.py)
                 with timer.stage("lnamd"):
                     normed = layer_norm_chw(sub)
                 try:
                     with timer.stage("msm"):
-                        acc[index] += retry.call(partial(gram_pass, normed), still_ok=one_gram)
+                        acc[index] += retry.call(partial(gram_pass, normed), still_ok=fits)
                     del sub
                     continue
                 except mem.PlanChanged:  # the leaner plan scores this layer by per-r passes below

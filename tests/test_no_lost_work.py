@@ -213,3 +213,15 @@ def test_bank_save_on_a_full_disk(tmp_path, monkeypatch):
         bank.save(path)
     monkeypatch.undo()
     assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors"]
+
+
+def test_bank_cli_on_a_full_disk_is_exit_1(tmp_path, data, capsys, monkeypatch):
+    images = data / "texture" / "test" / "good"
+    args = ["bank", "build", images, "--out", tmp_path / "b.safetensors", "--backbone", "tiny_test", "--pretrained",
+            "none", "--image-size", "64", "--layers", "0", "2", "--device", "cpu"]
+    monkeypatch.setattr(os, "replace", _enospc)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1 and err.strip() == \
+        f"error: {tmp_path / 'b.safetensors'}: cannot write (No space left on device)"
+    monkeypatch.undo()
+    assert run_cli(capsys, *args)[0] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["b.safetensors", "data"]

@@ -91,13 +91,17 @@ def test_simulated_oom_is_survived_with_identical_results(layers, cls, monkeypat
 
 
 def test_oom_that_stays_moves_the_one_gram_path_to_per_r_passes(layers, cls, monkeypatch):
+    monkeypatch.setenv("MUSC_FAST_BOXGRAM", "1")  # the one-Gram path, whatever the default for this C
+
     def always(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
+    layers, cls = [t[:6] for t in layers], cls[:6]  # the leanest plan is slow: few images
     monkeypatch.setattr(boxgram, "fill_boxgram_block", always)
-    with warnings.catch_warnings(record=True):
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = _score(layers, cls)
+    assert any("LNAMD one r" in str(w.message) for w in caught)  # the path was left, as logged
     monkeypatch.undo()
     monkeypatch.setenv("MUSC_FAST_BOXGRAM", "0")
     _same(got, _score(layers, cls))  # exactly the per-r passes
