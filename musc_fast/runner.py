@@ -313,7 +313,8 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
         cat_dir = root / outputs.safe_component(name)
         if name in done:
             per_category[name] = done[name]
-            flagged.update({name: "; ".join(done[name]["flags"])} if done[name]["flags"] else {})
+            if done[name]["flags"]:
+                flagged[name] = "; ".join(done[name]["flags"])
             log(f"[{name}] finished by an earlier run with the same settings and inputs: reused (--resume)")
             continue
         t0 = time.perf_counter()

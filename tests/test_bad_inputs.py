@@ -100,6 +100,21 @@ def test_strict_makes_an_unreadable_image_an_error(tmp_path, data, capsys):
     assert not list((tmp_path / "out").rglob("result.json"))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_load_images_checked_reports_failures_and_sizes(tmp_path, data, workers):
+    from musc_fast.data import load_images, load_images_checked
+
+    bad = _damage(data)
+    good = sorted((data / "texture" / "test" / "good").glob("00[023].png"))
+    paths = [good[0], bad[0], good[1], bad[1], bad[2], good[2]]
+    got = load_images_checked(paths, 32, IMAGENET_PREPROCESS, num_workers=workers, progress=False, batch_size=4)
+    assert sorted(got.failures) == [1, 3, 4] and all(str(paths[i]) in got.failures[i] for i in got.failures)
+    assert got.sizes.tolist() == [[64, 64], [0, 0], [64, 64], [0, 0], [0, 0], [64, 64]]
+    assert torch.equal(got.pixels[[0, 2, 5]], load_images(good, 32, IMAGENET_PREPROCESS, num_workers=0,
+                                                          progress=False))
+    assert not got.pixels[[1, 3, 4]].any()
+
+
 def test_all_images_unreadable_fails_the_category(tmp_path, data, capsys):
     for p in (data / "texture" / "test").rglob("*.png"):
         p.write_bytes(b"")
