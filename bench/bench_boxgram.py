@@ -75,7 +75,8 @@ def main() -> None:
     rows[1]["speedup_vs_per_r"] = round(rows[0]["ms_p50"] / rows[1]["ms_p50"], 2)
     rows[1]["max_abs_patch_diff"] = diff
     print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"bench_boxgram_{args.device.split(':')[0]}.csv"
+    device_kind = args.device.split(":")[0]
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / f"bench_boxgram_{device_kind}.csv"
     write_rows(rows, out)
     print(f"wrote {out}")
 

@@ -34,6 +34,7 @@ one-line ``BankError`` on any mismatch.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -50,6 +51,7 @@ from .memory import plan_bank
 from .ops.interval import interval_bounds
 from .ops.lnamd import grid_of
 from .ops.msm import cross_similarity_torch, interval_mean_from_similarity
+from .outputs import OutputError
 from .pipeline import MuSc, Result, _Timer, resolve_device, score_features
 
 FORMAT = "musc_fast.bank"
@@ -504,11 +506,14 @@ class Bank:
             "loo_key": loo_key,
             "checksum": tensors_checksum(tensors),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(tmp), metadata=meta)
+            _check_complete(tmp, tensors)  # save_file can drop write errors (seen with a full device)
             os.replace(tmp, path)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -572,6 +577,20 @@ class Bank:
         if loo is not None and meta.get("loo_key") == bank._loo_key():
             bank._loo = (meta["loo_key"], loo)
         return bank
+
+
+def _check_complete(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """OSError unless the safetensors file at ``path`` has its full length (8-byte header size + header +
+    every tensor's bytes); fsync it so that delayed write errors surface here."""
+    expected_data = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        size = os.fstat(fh.fileno()).st_size
+        os.fsync(fh.fileno())
+    header = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if len(head) < 8 or size != 8 + header + expected_data:
+        raise OSError(errno.ENOSPC, f"incomplete file: {size} bytes written, {8 + header + expected_data} "
+                                    "expected (disk full?)")
 
 
 def _diff(a: MuScConfig, b: MuScConfig) -> str:

@@ -17,7 +17,8 @@ from .config import PRESETS, MuScConfig, rscin_k_for
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Keys a YAML --config may hold for `run`, and which of them are MuScConfig fields.
-RUN_KEYS = ("dataset", "data_path", "category", "out", "vis", "save_xlsx", "num_workers", "preset")
+RUN_KEYS = ("dataset", "data_path", "category", "out", "vis", "save_xlsx", "num_workers", "preset", "strict",
+            "resume")
 CONFIG_KEYS = ("backbone", "pretrained", "weights", "image_size", "layers", "r_list", "topmin", "rscin_k",
                "batch_size", "divide_num", "device", "precision", "msm_precision", "compat", "quick_gelu")
 
@@ -34,7 +35,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", help=f"start from a preset: {', '.join(PRESETS)}")
     g.add_argument("--backbone", help="backbone name (musc-fast env lists them)")
-    g.add_argument("--pretrained", type=_tag, help="weights tag for the normal download path; 'none' = random")
+    g.add_argument("--pretrained", type=_tag, default=argparse.SUPPRESS,  # absent unless given: 'none' -> None
+                   help="weights tag for the normal download path; 'none' = random")
     g.add_argument("--weights", help="a local weights file (.pt/.pth/.safetensors), for air-gapped machines")
     g.add_argument("--image-size", type=int, help="input side S (the maps are S x S)")
     g.add_argument("--layers", type=int, nargs="+", help="0-based blocks to tap")
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-xlsx", action="store_true", default=None, help="also write results.xlsx")
     run.add_argument("--num-workers", type=int, help="image-decoding processes")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--strict", action="store_true", default=None,
+                     help="an unreadable image file is an error (exit 2) instead of being skipped and listed")
+    run.add_argument("--resume", action="store_true", default=None,
+                     help="reuse categories that an earlier run with the same settings and inputs finished")
     _add_model_flags(run)
 
     demo = sub.add_parser("demo", help="generate a synthetic set and run it offline on the CPU")
@@ -112,7 +118,12 @@ def _load_yaml(path: str) -> dict[str, Any]:
 def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
     """YAML settings overridden by the flags that were given."""
     settings = _load_yaml(args.config) if getattr(args, "config", None) else {}
+    if isinstance(settings.get("pretrained"), str):
+        settings["pretrained"] = _tag(settings["pretrained"])
     for key in RUN_KEYS + CONFIG_KEYS:
+        if key == "pretrained" and hasattr(args, key):  # None here means "none" was asked for
+            settings[key] = args.pretrained
+            continue
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
@@ -148,14 +159,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         categories = [categories]
     data_path = Path(settings["data_path"])
     if settings["dataset"] == "synthetic" and not data_path.exists():
-        from .data import generate_synthetic
-
         print(f"generating the synthetic data set in {data_path}")
-        generate_synthetic(data_path)
+        _generate_synthetic_atomic(data_path)
     opts = RunOptions(
         dataset=settings["dataset"], data_path=str(data_path), categories=[str(c) for c in categories],
         out=settings.get("out") or "output", vis=settings.get("vis"), save_xlsx=bool(settings.get("save_xlsx")),
-        num_workers=settings.get("num_workers"), progress=not args.no_progress, debug=args.debug)
+        num_workers=settings.get("num_workers"), progress=not args.no_progress, debug=args.debug,
+        strict=bool(settings.get("strict")), resume=bool(settings.get("resume")))
     from . import distributed
 
     distributed.init_from_env()  # no-op unless launched by torchrun
@@ -166,25 +176,43 @@ def cmd_run(args: argparse.Namespace) -> int:
         distributed.destroy()
 
 
+def _generate_synthetic_atomic(data_path: Path) -> None:
+    """Generate the demo set in a temporary sibling folder, then rename it: an interrupted generation
+    never leaves a partial set that a later run would use."""
+    import shutil
+
+    from .data import generate_synthetic
+
+    tmp = data_path.with_name(f".{data_path.name}.partial-{os.getpid()}")
+    try:
+        generate_synthetic(tmp)
+        os.replace(tmp, data_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _report(summary) -> int:
     if summary.per_category:
         print()
         print(summary.metrics_table())
     print(f"\nresults: {summary.root}")
+    if summary.resumed:
+        print(f"reused from an earlier run (--resume): {', '.join(summary.resumed)}")
+    for name, why in summary.flagged.items():
+        print(f"FLAGGED {name}: {why}", file=sys.stderr)
     for name, why in summary.failures.items():
         print(f"FAILED {name}: {why}", file=sys.stderr)
     return EXIT_FAILED if summary.failures else EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .data import generate_synthetic
     from .runner import RunOptions, run
 
     out = Path(args.out)
     data = out / "data"
     if not data.exists():
         print(f"generating the synthetic data set in {data}")
-        generate_synthetic(data)
+        _generate_synthetic_atomic(data)
     config = MuScConfig.preset("offline", device=args.device)
     opts = RunOptions(dataset="synthetic", data_path=str(data), out=str(out / "results"), vis="overlay",
                       progress=not args.no_progress)
@@ -223,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = "; finished categories are saved, add --resume to continue" if args.command == "run" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for users, full traceback with --debug
         if args.debug or os.environ.get("MUSC_FAST_DEBUG") == "1":

@@ -7,7 +7,7 @@
     if getattr(args, "_bank_cmd", None):     # a bank or score command was chosen
         return run_bank_command(args)
 
-Errors are one line on stderr and exit code 2.
+Errors are one line on stderr: exit code 2 for bad input, 1 when a file cannot be written.
 """
 from __future__ import annotations
 
@@ -80,10 +80,14 @@ def run_bank_command(args: argparse.Namespace) -> int:
     """Run the command chosen by ``add_bank_commands``; returns the exit code (2 on errors)."""
     from .bank import BankError
     from .data.base import DatasetError
+    from .outputs import OutputError
 
     handlers = {"build": _build, "info": _info, "score": _score}
     try:
         return handlers[args._bank_cmd](args)
+    except OutputError as exc:  # disk full, no permission: not an input error
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
     except (BankError, DatasetError, ValueError, TypeError, OSError) as exc:
         print(f"error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         return 2

@@ -33,6 +33,12 @@ block + the top-k temporaries of one row chunk; the LNAMD phase and the MSM phas
 ``estimate_peak_bytes`` is this model (tested); it excludes the interpreter, torch's own footprint
 and allocator slack.
 
+When CUDA runs out of memory anyway (other processes, fragmentation), ``OomRetry`` repeats the failed
+step with ``MemoryPlan.degraded()``: smaller product blocks first, then one r at a time, streaming rows,
+LNAMD chunks (a MemoryWarning each time; not under several torch.distributed ranks, which must agree
+on the blocks). A CPU allocation failure is not retried: Linux kills the process rather than raising,
+so CPU runs rely on the plan fitting ``available_bytes`` up front.
+
 * Paper config on one GPU, N = 1000, divide_num = 1 (ViT-L-14-336, 518 px: L = 1369, C = 1024, fp16
   tokens, 4 layers, r = 1, 3, 5): tokens 11.2 GB, z 5.6 GB, sim 5.5 GB, fixed 0.9 GB.
   All r at once: 11.2 + max(33.6, 23.2) = 44.9 GB (the plan on an 80 GB or 141 GB card: full table,
@@ -165,6 +171,28 @@ class MemoryPlan:
         """True when the plan is the library defaults (the fast gate in ``musc_fast.ops`` may run)."""
         return replace(self, budget_bytes=None) == MemoryPlan()
 
+    def degraded(self, n: int, length: int) -> "MemoryPlan | None":
+        """The next, leaner plan after an out-of-memory error, or None when nothing is left to shrink.
+
+        Order (cheapest loss of speed first): halve ``block_elems`` down to one image pair (L * L); LNAMD
+        one r at a time (this also leaves the one-Gram path); stream query rows (N / 2, then halving);
+        LNAMD over image chunks (N / 2, then halving); halve the top-k row chunk.
+        """
+        floor = length * length
+        if self.block_elems > floor:
+            return replace(self, block_elems=max(floor, self.block_elems // 2))
+        if self.lnamd_all_r:
+            return replace(self, lnamd_all_r=False)
+        rows = n if self.stream_rows is None else self.stream_rows
+        if rows > 1:
+            return replace(self, stream_rows=rows // 2)
+        chunk = n if self.lnamd_chunk is None else self.lnamd_chunk
+        if chunk > 1:
+            return replace(self, lnamd_chunk=chunk // 2)
+        if self.rows_per_chunk > 1:
+            return replace(self, rows_per_chunk=self.rows_per_chunk // 2)
+        return None
+
     def describe(self) -> str:
         mode = "full table" if self.stream_rows is None else f"streaming {self.stream_rows} rows"
         budget = "unplanned" if self.budget_bytes is None else f"budget {_fmt(self.budget_bytes)}"
@@ -244,6 +272,61 @@ def plan_scoring(n: int, length: int, c: int, *, n_r: int, topmin: tuple[float, 
     b = int(max(1, min(n, (budget - z - fixed) // per_row)))
     return replace(base, lnamd_all_r=False, lnamd_chunk=None if chunk >= n else chunk,
                    stream_rows=None if b >= n else b)
+
+
+# CUDA's allocator failure; older torch only has the torch.cuda name.
+OUT_OF_MEMORY: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+
+class PlanChanged(Exception):
+    """Raised by ``OomRetry.call`` when the leaner plan no longer suits the caller's path (the caller
+    switches to another path, e.g. from the one-Gram path to per-r passes)."""
+
+
+class OomRetry:
+    """Runs scoring steps under a plan that shrinks after each out-of-memory error, then retries.
+
+    Each step must be atomic (its result used only when it returns), so a retry repeats exactly the
+    work that failed. The shrunken plan is kept for the later steps. Under torch.distributed with
+    several ranks there is no retry (ranks must agree on the blocks): the error propagates.
+
+    Attributes:
+        plan: the current plan. retries: how many out-of-memory errors were survived.
+    """
+
+    def __init__(self, plan: MemoryPlan, n: int, length: int, device: torch.device | str = "cpu"):
+        self.plan, self.n, self.length = plan, n, length
+        self.device = torch.device(device)
+        self.retries = 0
+
+    def call(self, fn, still_ok=None):
+        """``fn(plan)``, retried with ``plan.degraded()`` after each OUT_OF_MEMORY.
+
+        Args:
+            still_ok: optional predicate on a new plan; when it fails, ``PlanChanged`` is raised instead
+                of retrying ``fn`` (the caller falls back to another path under ``self.plan``).
+        """
+        import warnings
+
+        from . import distributed
+
+        while True:
+            try:
+                return fn(self.plan)
+            except OUT_OF_MEMORY as exc:
+                leaner = None if distributed.world_size() > 1 else self.plan.degraded(self.n, self.length)
+                if leaner is None:
+                    raise
+                reason = " ".join(str(exc).split())[:160] or "out of memory"
+            # outside the except block, so the failed step's tensors are no longer referenced
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            warnings.warn(f"out of memory while scoring ({reason}); retrying with {leaner.describe()}",
+                          MemoryWarning, stacklevel=2)
+            self.plan = leaner
+            self.retries += 1
+            if still_ok is not None and not still_ok(leaner):
+                raise PlanChanged
 
 
 def fits_one_gram(plan: MemoryPlan, n: int, length: int, c: int, n_r: int) -> bool:
@@ -399,5 +482,5 @@ def plan_bank(n_query: int, n_bank: int, length: int, c: int, *, n_layers: int, 
 __all__ = [
     "ENV_BUDGET", "MemoryPlan", "MemoryWarning", "BankPlan", "available_bytes", "parse_bytes", "budget_for",
     "plan_scoring", "plan_bank", "estimate_peak_bytes", "score_pass", "full_similarity", "row_groups",
-    "mutual_scores_rows", "lnamd_planned", "fits_one_gram",
+    "mutual_scores_rows", "lnamd_planned", "fits_one_gram", "OUT_OF_MEMORY", "OomRetry", "PlanChanged",
 ]

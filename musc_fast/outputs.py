@@ -29,32 +29,73 @@ class OutputError(OSError):
 
 
 def run_root(out: str | Path, dataset: str, backbone: str, image_size: int) -> Path:
-    return Path(out) / dataset / backbone / f"imagesize{image_size}"
+    return Path(out) / safe_component(dataset) / safe_component(backbone) / f"imagesize{int(image_size)}"
 
 
 def safe_component(name: str) -> str:
-    """A single path component derived from input names that cannot escape the output folder."""
+    """A single path component derived from input names that cannot escape the output folder: only
+    letters, digits, "-", "_" and inner "." survive (everything else becomes "_"), so "/", "\\" and
+    ".." cannot occur; an empty result becomes "_"."""
     cleaned = "".join(c if (c.isalnum() or c in "-_.") else "_" for c in str(name)).strip(".")
     return cleaned or "_"
 
 
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """Output file stems for input files (``safe_component`` of the stem), made unique: when several
+    inputs map to the same stem (a.png and a.jpg, or names that differ only in replaced characters),
+    each gets its extension appended, then a counter."""
+    stems = [safe_component(Path(p).stem) for p in paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    out: list[str] = []
+    taken: set[str] = set()
+    for p, s in zip(paths, stems):
+        name = s if counts[s] == 1 else safe_component(f"{s}_{Path(p).suffix.lstrip('.')}")
+        base, k = name, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    # os.write may write less than asked (signals, pipes); loop until done. Raises OSError (e.g. ENOSPC).
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then ``os.replace``:
+    readers see the old file or the new one, never a part. Any OSError (disk full, permissions) becomes
+    a one-line ``OutputError`` naming ``path``, and the temporary file is removed."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+def remove_file(path: str | Path) -> None:
+    """Delete ``path`` if it exists (OutputError if that fails)."""
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot remove ({exc.strerror or exc})") from exc
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

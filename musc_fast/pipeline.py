@@ -6,8 +6,10 @@
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -18,7 +20,17 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .backbones import Backbone, build_backbone
+from .checks import (
+    InputWarning,
+    NonFiniteError,
+    check_finite_scores,
+    check_finite_tokens,
+    check_image_size,
+    check_layers,
+    tiny_images,
+)
 from .config import MuScConfig
+from .data.base import DatasetError
 from .ops.boxgram import mutual_scores_multi, use_boxgram
 from .ops.lnamd import grid_of, layer_norm_chw
 
@@ -41,6 +53,8 @@ class Result:
         labels: [N] bool, True = NG (anomalous), set when a threshold was applied
             (``musc_fast.threshold``); None otherwise.
         masks: [N, S, S] bool, ``anomaly_maps`` > the pixel threshold, set with ``labels``.
+        skipped: input index -> reason, for image files that could not be read and were left out
+            (``MuSc.score(..., on_error="skip")``); the arrays above cover the other images, in order.
     """
 
     image_scores: np.ndarray
@@ -50,6 +64,7 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     labels: np.ndarray | None = None
     masks: np.ndarray | None = None
+    skipped: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.image_scores)
@@ -149,47 +164,63 @@ def score_features(
         raise ValueError(f"MuSc scores images against each other and needs at least 2, got {n}")
     g = grid_of(length)
     groups = _check_subsets(subsets, n)
+    check_finite_tokens(tokens, None if cls_tokens is None else torch.as_tensor(cls_tokens))
     timer = _timer or _Timer(dev)
     # --- production (memory plan, aligned window, distributed): see musc_fast.memory ---
     from . import distributed
     from . import memory as mem
 
+    n_max = max(len(i) for i in groups)
     if memory is None:
         budget = distributed.min_over_ranks(mem.budget_for(dev))  # ranks must agree on the blocks
-        memory = mem.plan_scoring(max(len(i) for i in groups), length, tokens[0].shape[2],
-                                  n_r=len(r_list), topmin=topmin, device=dev, budget=budget)
-    r_groups = [list(r_list)] if memory.lnamd_all_r else [[r] for r in r_list]
+        memory = mem.plan_scoring(n_max, length, tokens[0].shape[2], n_r=len(r_list), topmin=topmin, device=dev,
+                                  budget=budget)
+    # out of memory (CUDA) while scoring: shrink the plan and repeat the failed step (memory.OomRetry)
+    retry = mem.OomRetry(memory, n_max, length, dev)
+
+    def one_gram(plan: "MemoryPlan", n_sub: int, c_layer: int) -> bool:  # decided per layer and plan
+        return (use_boxgram(dev, c_layer) and ops.backend("msm", dev) == "torch" and aligned_window is None
+                and mem.fits_one_gram(plan, n_sub, length, c_layer, len(r_list)))
+
+    def gram_pass(normed: torch.Tensor, plan: "MemoryPlan") -> torch.Tensor:
+        return mutual_scores_multi(normed, list(r_list), topmin, compat=compat, precision=msm_precision,
+                                   block_elems=plan.block_elems).sum(0)
+
+    def msm_pass(z: torch.Tensor, plan: "MemoryPlan") -> torch.Tensor:
+        return mem.score_pass(z, topmin, compat=compat, precision=msm_precision, plan=plan, window=aligned_window)
 
     acc = torch.zeros((n, length), dtype=torch.float64, device=dev)
     n_passes = len(tokens) * len(r_list)
-    torch_msm = ops.backend("msm", dev) == "torch" and aligned_window is None
     for idx in groups:
         index = torch.as_tensor(idx, device=dev)
         whole = idx == list(range(n))  # no copy of the tokens when all images score together
         for layer in tokens:
             sub = layer.to(dev) if whole else layer.to(dev).index_select(0, index)
-            c = layer.shape[2]
-            one_gram = torch_msm and use_boxgram(dev, c) and mem.fits_one_gram(memory, len(idx), length, c,
-                                                                                len(r_list))
-            if one_gram:  # every r of the layer from one Gram block per pair (ops/boxgram.py)
+            fits = partial(one_gram, n_sub=len(idx), c_layer=layer.shape[2])
+            if fits(retry.plan):  # every r of the layer from one Gram block per pair (ops/boxgram.py)
                 with timer.stage("lnamd"):
                     normed = layer_norm_chw(sub)
-                with timer.stage("msm"):
-                    acc[index] += mutual_scores_multi(normed, list(r_list), topmin, compat=compat,
-                                                      precision=msm_precision,
-                                                      block_elems=memory.block_elems).sum(0)
-                del normed, sub
-                continue
+                try:
+                    with timer.stage("msm"):
+                        acc[index] += retry.call(partial(gram_pass, normed), still_ok=fits)
+                    del sub
+                    continue
+                except mem.PlanChanged:  # the leaner plan scores this layer by per-r passes below
+                    pass
+                finally:
+                    del normed
+            r_groups = [list(r_list)] if retry.plan.lnamd_all_r else [[r] for r in r_list]
             for rs in r_groups:
                 with timer.stage("lnamd"):
-                    zs = mem.lnamd_planned(sub, rs, memory)
+                    zs = retry.call(partial(mem.lnamd_planned, sub, rs))
                 for z in zs:
                     with timer.stage("msm"):
-                        acc[index] += mem.score_pass(z, topmin, compat=compat, precision=msm_precision,
-                                                     plan=memory, window=aligned_window)
+                        acc[index] += retry.call(partial(msm_pass, z))
                 del zs
             del sub
     patch = acc / n_passes
+    check_finite_scores(patch, "patch scores", compat=compat,
+                        hint="the features were finite, so this is a bug: please report it")
 
     with timer.stage("maps"):
         maps, raw = ops.maps_and_image_scores(patch.view(n, g, g), image_size, chunk=memory.map_chunk)
@@ -198,6 +229,8 @@ def score_features(
             final = raw.numpy().copy()
         else:
             final = ops.rscin(raw.numpy(), cls_tokens, tuple(rscin_k), compat=compat)
+            check_finite_scores(final, "RsCIN image scores", compat=compat,
+                                hint="their class-token windows sum to 0; --rscin-k 0 scores without RsCIN")
     return Result(
         image_scores=final,
         raw_image_scores=raw.numpy(),
@@ -235,12 +268,18 @@ class MuSc:
 
     @property
     def backbone(self) -> Backbone:
+        """The backbone, built on first use. Raises ValueError for settings it cannot honour: unknown
+        name or tag, weights of another architecture (from the builder), layers out of range, an image
+        size that is not a multiple of the patch size (a warning with ``compat``)."""
         if self._backbone is None:
             c = self.config
-            self._backbone = build_backbone(
+            model = build_backbone(
                 c.backbone, pretrained=c.pretrained, weights=c.weights, image_size=c.image_size,
                 layers=c.layers, quick_gelu=c.quick_gelu, compat=c.compat, device=self.device,
                 dtype=self.dtype)
+            check_layers(c.backbone, c.layers, model.depth)
+            check_image_size(c.backbone, c.image_size, model.patch_size, compat=c.compat)
+            self._backbone = model
         return self._backbone
 
     # --- stages ----------------------------------------------------------------------------------
@@ -296,36 +335,111 @@ class MuSc:
         return tokens, (torch.cat(cls_parts) if need_cls else None)
 
     def score(self, images: ImageInput, *, subsets: Sequence[Sequence[int]] | None = None,
-              progress: bool = True) -> Result:
+              progress: bool = True, on_error: str = "raise") -> Result:
         """Score images of one category against each other.
 
         Args:
             images: a list of paths, a list of PIL images, or an [N, 3, H, W] tensor in [0, 1].
             subsets: disjoint index lists scored separately (default: ``divide_num`` subsets, which
                 group by parent folder and so need paths, or all images together).
+            on_error: an image file that cannot be read (path inputs): ``"raise"`` an
+                ``UnreadableImageError`` naming it, or ``"skip"`` it with the reason in
+                ``Result.skipped`` (the Result then covers the other images, in order; subsets lose the
+                skipped indices). Images narrower or lower than one patch are upsampled to S x S with an
+                ``InputWarning``.
         """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         c = self.config
         timer = _Timer(self.device)
         from . import distributed
 
+        paths = None if isinstance(images, torch.Tensor) else list(images)
+        if paths is not None and not (paths and all(isinstance(p, (str, Path)) for p in paths)):
+            paths = None
         # under torch.distributed each rank decodes and embeds its share of the batches
         local = distributed.local_indices(len(images), c.batch_size)
+        mine = list(range(len(images))) if local is None else local
+        failed: dict[int, str] = {}
         with timer.stage("load"):
-            pixels = self.preprocess(images if local is None else distributed.select(images, local),
-                                     progress=progress)
+            if paths is None:
+                pixels = self.preprocess(images if local is None else distributed.select(images, local),
+                                         progress=progress)
+            else:
+                pixels, failed = self._load_paths([paths[i] for i in mine], mine, progress)
+                if local is not None:  # every rank must learn of every unreadable file
+                    failed = self._gather_failures(failed, local, paths)
+        if failed and on_error == "raise":
+            from .data import UnreadableImageError
+
+            raise UnreadableImageError(next(iter(failed.values())))
         if subsets is None and c.divide_num > 1:
-            if isinstance(images, torch.Tensor) or not all(isinstance(p, (str, Path)) for p in images):
+            if paths is None:
                 raise ValueError("divide_num > 1 groups images by their parent folder and needs image paths")
             from .data.divide import divide_indices
 
-            subsets = divide_indices([str(p) for p in images], c.divide_num)
+            subsets = divide_indices([str(p) for p in paths], c.divide_num)
         need_cls = 0 not in c.rscin_k
+        keep = [i for i in range(len(images)) if i not in failed] if failed else None
+        if keep is not None:
+            if len(keep) < 2:
+                raise DatasetError(f"{len(failed)} of {len(images)} image files cannot be read (first: "
+                                   f"{next(iter(failed.values()))}); MuSc needs at least 2 readable images")
+            subsets = None if subsets is None else _remap_subsets(subsets, keep)
+            if local is None:  # one process: unreadable files never reach the backbone
+                pixels = pixels[torch.as_tensor(keep, dtype=torch.long)]
         with timer.stage("backbone"):
             tokens, cls = self.extract(pixels, progress=progress, need_cls=need_cls)
             if local is not None:
                 tokens = [distributed.gather_batches(t, len(images), c.batch_size) for t in tokens]
                 cls = None if cls is None else distributed.gather_batches(cls, len(images), c.batch_size)
-        return score_features(
-            tokens, cls, image_size=c.image_size, r_list=c.r_list, topmin=c.topmin, rscin_k=c.rscin_k,
-            compat=c.compat, msm_precision=c.msm_precision, subsets=subsets, device=self.device,
-            aligned_window=c.aligned_window, _timer=timer)
+                if keep is not None:  # the slots of unreadable files held zeros: drop their tokens
+                    sel = torch.as_tensor(keep, dtype=torch.long, device=tokens[0].device)
+                    tokens = [t.index_select(0, sel) for t in tokens]
+                    cls = None if cls is None else cls.index_select(0, sel.to(cls.device))
+        try:
+            result = score_features(
+                tokens, cls, image_size=c.image_size, r_list=c.r_list, topmin=c.topmin, rscin_k=c.rscin_k,
+                compat=c.compat, msm_precision=c.msm_precision, subsets=subsets, device=self.device,
+                aligned_window=c.aligned_window, _timer=timer)
+        except NonFiniteError as exc:  # name the files, not positions among the readable images
+            if paths is None or not exc.indices:
+                raise
+            idx = [keep[i] for i in exc.indices] if keep is not None else exc.indices
+            raise NonFiniteError(f"{exc} (first file: {paths[idx[0]]})", idx) from None
+        result.skipped = dict(sorted(failed.items()))
+        return result
+
+    def _load_paths(self, paths: list, indices: list[int], progress: bool) -> tuple[torch.Tensor, dict[int, str]]:
+        """Decode image files -> (pixels [n, 3, S, S] with zeros for unreadable files, {input index: reason})."""
+        from .data import load_images_checked
+
+        size, patch = self.config.image_size, self.backbone.patch_size
+        loaded = load_images_checked([str(p) for p in paths], size, self.backbone.preprocess,
+                                     num_workers=self.num_workers, progress=progress)
+        failed = {indices[k]: msg for k, msg in sorted(loaded.failures.items())}
+        tiny = tiny_images(loaded.sizes, patch)
+        if tiny:
+            w, h = loaded.sizes[tiny[0]].tolist()
+            warnings.warn(f"{len(tiny)} image(s) smaller than one {patch}-pixel patch, upsampled to {size}x{size} "
+                          f"(their maps carry little detail), first {paths[tiny[0]]} ({w}x{h})", InputWarning,
+                          stacklevel=3)
+        return loaded.pixels, failed
+
+    def _gather_failures(self, failed: dict[int, str], local: list[int], paths: list) -> dict[int, str]:
+        """Every rank's unreadable files (indices; reasons only for this rank's own files)."""
+        from . import distributed
+
+        flags = torch.zeros(len(local), dtype=torch.uint8)
+        for k, i in enumerate(local):
+            flags[k] = int(i in failed)
+        every = distributed.gather_batches(flags, len(paths), self.config.batch_size)
+        return {i: failed.get(i, f"{paths[i]}: cannot read file (reported by another rank)")
+                for i in torch.nonzero(every).flatten().tolist()}
+
+
+def _remap_subsets(subsets: Sequence[Sequence[int]], keep: list[int]) -> list[list[int]]:
+    """Subsets of the input indices -> subsets of the kept images' new indices (empty ones dropped)."""
+    new = {old: k for k, old in enumerate(keep)}
+    out = [[new[i] for i in s if i in new] for s in subsets]
+    return [s for s in out if s]

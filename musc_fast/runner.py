@@ -1,22 +1,55 @@
 """Evaluate MuSc on the categories of a data set: score, measure, write outputs, one category at a time.
 
-Each category's files are written as soon as it finishes; a category that fails is reported and the
-others still run (``RunSummary.failures``).
+Order of work, chosen so that bad input fails early and no finished work is lost:
+
+1. Preflight (nothing scored yet): every requested category is listed (a missing, empty, one-image or
+   path-like category is a DatasetError, which the CLI reports with exit code 2) and the backbone is
+   built (unknown name or tag, weights of another architecture, layers out of range, image size not a
+   multiple of the patch: ValueError, exit 2).
+2. Per category: the images are scored (unreadable files skipped and listed, or an error with
+   ``strict``) and metrics computed; then its old ``result.json`` is removed, ``scores.csv`` and heat
+   maps written, ``result.json`` LAST, then the run's ``results.csv``/``results.json`` rewritten. Every
+   file is written atomically, so a category is finished exactly when its ``result.json`` exists, and
+   a failure before the writes leaves an earlier run's files of that category untouched.
+3. ``resume``: a category whose ``result.json`` was written with the same data set, config, heat-map
+   mode and input files (names, sizes, modification times) is not scored again; its numbers are read
+   back, so the run's results include it.
+
+A category that fails is reported and the others still run (``RunSummary.failures``); an
+``OutputError`` (disk full, no permission) stops the run, since later writes would fail too.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import time
 import traceback
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from . import outputs, viz
 from .config import MuScConfig
-from .data import Category, DatasetError, divide_indices, list_categories, load_category, load_masks
+from .data import (
+    Category,
+    DatasetError,
+    UnreadableImageError,
+    divide_indices,
+    list_categories,
+    load_category,
+    load_masks,
+)
 from .pipeline import MuSc, Result
+
+# Fields of a category's result.json that are its results (the rest describe the run).
+ENTRY_KEYS = ("n_images", "n_defective", "metrics", "timings_ms_per_image", "seconds", "skipped", "warnings",
+              "flags")
 
 
 @dataclass
@@ -33,6 +66,8 @@ class RunOptions:
         num_workers: image-decoding processes (None = default).
         progress: show progress bars.
         debug: keep full tracebacks of failed categories in the log.
+        strict: an unreadable image file stops the run with an error (default: skipped and listed).
+        resume: reuse categories finished by an earlier run with the same settings and inputs.
     """
 
     dataset: str
@@ -44,33 +79,103 @@ class RunOptions:
     num_workers: int | None = None
     progress: bool = True
     debug: bool = False
+    strict: bool = False
+    resume: bool = False
 
 
 @dataclass
 class RunSummary:
+    """What a run did. ``failures``/``flagged``: category -> one-line reason; ``resumed``: categories
+    read back from an earlier run."""
+
     root: Path
     per_category: dict[str, dict[str, Any]]
     failures: dict[str, str]
+    flagged: dict[str, str] = field(default_factory=dict)
+    resumed: list[str] = field(default_factory=list)
 
     def metrics_table(self) -> str:
         return outputs.format_table({c: v["metrics"] for c, v in self.per_category.items()})
 
 
 def resolve_categories(opts: RunOptions) -> list[str]:
-    """The categories to run: every one on disk for "all" (case-insensitive), else the names given."""
+    """The categories to run: every one on disk for "all" (case-insensitive), else the names given
+    (duplicates dropped, order kept)."""
     if len(opts.categories) == 1 and opts.categories[0].lower() == "all":
         return list_categories(opts.dataset, opts.data_path)
-    return list(opts.categories)
+    return list(dict.fromkeys(opts.categories))
 
 
-def score_category(model: MuSc, category: Category, *, progress: bool = True) -> Result:
-    """MuSc scores of one category, with the original's ``divide_num`` subsets (SPEC 7.4)."""
+def preflight(opts: RunOptions) -> list[Category]:
+    """List every requested category before anything is scored. Raises DatasetError (one line) for a
+    missing, empty or path-like category, one with fewer than 2 images, or two categories whose output
+    folders would coincide."""
+    categories = [load_category(opts.dataset, opts.data_path, name) for name in resolve_categories(opts)]
+    folders: dict[str, str] = {}
+    for c in categories:
+        if len(c) < 2:
+            raise DatasetError(f"{c.root}: {len(c)} test image(s) in category {c.name!r}; MuSc needs at least 2")
+        other = folders.setdefault(outputs.safe_component(c.name), c.name)
+        if other != c.name:
+            raise DatasetError(f"categories {other!r} and {c.name!r} would share the output folder "
+                               f"{outputs.safe_component(c.name)!r}; rename one")
+    return categories
+
+
+def input_fingerprint(category: Category, data_root: str | Path) -> str:
+    """SHA-256 over what decides a category's results on disk: each sample's image and mask path
+    (relative to the data root), label and folder, and each file's size and modification time. A copy
+    that changes modification times only makes ``resume`` score again (the safe direction)."""
+    root = Path(data_root)
+    h = hashlib.sha256(json.dumps([category.has_masks, category.mask_rule, category.has_labels]).encode())
+    for s in category.samples:
+        row = [s.label, s.defect_type]
+        for p in (s.path, s.mask_path):
+            if p is None:
+                row.append(None)
+                continue
+            st = os.stat(p)
+            row.extend([os.path.relpath(p, root), st.st_size, st.st_mtime_ns])
+        h.update(json.dumps(row).encode())
+    return h.hexdigest()
+
+
+def _run_key(opts: RunOptions, config: MuScConfig, fingerprint: str) -> dict[str, Any]:
+    key = {"dataset": opts.dataset, "config": config.to_dict(), "vis": opts.vis, "input_fingerprint": fingerprint}
+    return json.loads(json.dumps(outputs._jsonable(key)))  # as it reads back from JSON
+
+
+def finished_entry(path: Path, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The results stored in a category's ``result.json`` if it was written with ``key`` (data set,
+    config, vis, input fingerprint); None when absent, unreadable or written with other settings."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or any(doc.get(k) != v for k, v in key.items()):
+        return None
+    if any(k not in doc for k in ENTRY_KEYS):
+        return None
+    return {k: doc[k] for k in ENTRY_KEYS}
+
+
+def score_category(model: MuSc, category: Category, *, progress: bool = True,
+                   on_error: str = "raise") -> Result:
+    """MuSc scores of one category, with the original's ``divide_num`` subsets (SPEC 7.4).
+    ``on_error="skip"`` leaves unreadable files out (``Result.skipped``, indices into the category)."""
     if len(category) < 2:
         raise DatasetError(f"{category.root}: {len(category)} test image(s); MuSc needs at least 2")
     subsets = None
     if model.config.divide_num > 1:
         subsets = [s for s in divide_indices(category.samples, model.config.divide_num) if s]
-    return model.score([str(p) for p in category.paths], subsets=subsets, progress=progress)
+    return model.score([str(p) for p in category.paths], subsets=subsets, progress=progress, on_error=on_error)
+
+
+def without(category: Category, skipped: dict[int, str]) -> Category:
+    """The category minus the samples at the ``skipped`` indices."""
+    if not skipped:
+        return category
+    return dataclasses.replace(category, samples=[s for i, s in enumerate(category.samples) if i not in skipped])
 
 
 def category_metrics(category: Category, result: Result, config: MuScConfig,
@@ -90,7 +195,7 @@ def category_metrics(category: Category, result: Result, config: MuScConfig,
 
 def write_category(root: Path, category: Category, result: Result, masks: np.ndarray | None,
                    vis: str | None) -> None:
-    """scores.csv and heat maps of one category."""
+    """scores.csv and heat maps of one category (names made safe and unique per folder)."""
     cat_dir = root / outputs.safe_component(category.name)
     outputs.write_csv(
         cat_dir / "scores.csv", ["path", "label", "raw_score", "score"],
@@ -99,25 +204,76 @@ def write_category(root: Path, category: Category, result: Result, masks: np.nda
     if vis is None:
         return
     maps = result.anomaly_maps
-    whole = (float(maps.min()), float(maps.max()))
-    for i in viz.maps_to_draw(vis, category.defect_types, category.labels):
+    whole = (float(np.nanmin(maps)), float(np.nanmax(maps))) if np.isfinite(maps).any() else (0.0, 0.0)
+    todo = viz.maps_to_draw(vis, category.defect_types, category.labels)
+    folders = [outputs.safe_component(category.samples[i].defect_type) for i in todo]
+    stems: dict[int, str] = {}
+    for folder in dict.fromkeys(folders):
+        idx = [i for i, f in zip(todo, folders) if f == folder]
+        stems.update(zip(idx, outputs.unique_stems([category.samples[i].path for i in idx])))
+    for i, folder in zip(todo, folders):
         s = category.samples[i]
         small, full = viz.render(vis, maps, i, s.path, None if masks is None else masks[i],
                                  float(result.image_scores[i]), whole)
-        folder = cat_dir / vis / outputs.safe_component(s.defect_type)
-        stem = outputs.safe_component(s.path.stem)
-        outputs.write_png(folder / f"{stem}.png", small)
-        outputs.write_png(folder / "fullres" / f"{stem}.png", full)
+        outputs.write_png(cat_dir / vis / folder / f"{stems[i]}.png", small)
+        outputs.write_png(cat_dir / vis / folder / "fullres" / f"{stems[i]}.png", full)
+
+
+def nonfinite_flags(result: Result) -> list[str]:
+    """Why a result's numbers are unusable (only compat mode keeps the original's NaN), else []."""
+    flags = []
+    bad = int((~np.isfinite(result.image_scores)).sum())
+    if bad:
+        flags.append(f"{bad} of {len(result)} image scores are not finite (compat mode keeps the original's NaN "
+                     "for N <= 4 or constant scores); their metrics are undefined")
+    if not np.isfinite(result.anomaly_maps).all():
+        flags.append("anomaly maps hold NaN/Inf; pixel metrics are undefined")
+    return flags
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+@contextmanager
+def captured_warnings() -> Iterator[list[str]]:
+    """Collect musc_fast's own warnings (as one-line strings, deduplicated) instead of printing them;
+    other libraries' warnings are passed on once each after the block."""
+    from .checks import InputWarning, NonFiniteWarning
+    from .memory import MemoryWarning
+    from .ops import SmallBatchWarning
+
+    ours = (InputWarning, NonFiniteWarning, MemoryWarning, SmallBatchWarning)
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield notes
+    others = {}
+    for w in caught:
+        if issubclass(w.category, ours) or _PACKAGE in Path(w.filename).resolve().parents:
+            line = " ".join(str(w.message).split())
+            if line not in notes:
+                notes.append(line)
+        else:
+            others.setdefault((w.category, str(w.message), w.filename, w.lineno), w)
+    for w in others.values():
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _silent(_: str) -> None:
     pass
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
         log: Callable[[str], None] = print) -> RunSummary:
-    """Evaluate every requested category; returns the summary (failures included, never raised).
+    """Evaluate every requested category; returns the summary (category failures included, not raised).
 
+    Raises (before anything is scored): DatasetError for bad categories, ValueError for settings the
+    backbone cannot honour. During the run: OutputError when a result cannot be written;
+    UnreadableImageError with ``strict``; KeyboardInterrupt (finished categories stay written).
     Under torchrun every rank scores (the work is sharded inside) and only the main rank writes.
     """
     from . import distributed
@@ -125,46 +281,92 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
     writer = distributed.is_main_process()
     if not writer:
         log = _silent
-    model = model or MuSc(config, num_workers=opts.num_workers)
     root = outputs.run_root(opts.out, opts.dataset, config.backbone, config.image_size)
-    names = resolve_categories(opts)
+    categories = preflight(opts)
+    keys = {c.name: _run_key(opts, config, input_fingerprint(c, opts.data_path)) for c in categories}
+    done: dict[str, dict[str, Any]] = {}
+    if opts.resume:
+        for c in categories:
+            entry = finished_entry(root / outputs.safe_component(c.name) / "result.json", keys[c.name])
+            if distributed.min_over_ranks(int(entry is not None)):  # every rank must agree to skip it
+                done[c.name] = entry
+    model = model or MuSc(config, num_workers=opts.num_workers)
+    run_notes: list[str] = []
+    if len(done) < len(categories):
+        with captured_warnings() as run_notes:
+            _ = model.backbone  # bad backbone settings fail here, before any scoring
+        for note in run_notes:
+            log(f"warning: {note}")
     per_category: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
+    flagged: dict[str, str] = {}
     extra = {"dataset": opts.dataset, "data_path": str(opts.data_path), "config": config.to_dict()}
-    for name in names:
+
+    def save_results() -> None:
+        skipped = [{"category": c, **s} for c, v in per_category.items() for s in v.get("skipped", [])]
+        outputs.write_results(root, per_category, {**extra, "failures": failures, "flagged": flagged,
+                                                   "skipped": skipped, "resumed": list(done),
+                                                   "warnings": run_notes}, opts.save_xlsx)
+
+    for category in categories:
+        name = category.name
+        cat_dir = root / outputs.safe_component(name)
+        if name in done:
+            per_category[name] = done[name]
+            if done[name]["flags"]:
+                flagged[name] = "; ".join(done[name]["flags"])
+            log(f"[{name}] finished by an earlier run with the same settings and inputs: reused (--resume)")
+            continue
         t0 = time.perf_counter()
         try:
-            category = load_category(opts.dataset, opts.data_path, name)
-            result = score_category(model, category, progress=opts.progress)
-            t_metrics = time.perf_counter()
-            metrics, masks = category_metrics(category, result, config, opts.num_workers, opts.progress)
+            with captured_warnings() as notes:
+                result = score_category(model, category, progress=opts.progress,
+                                        on_error="raise" if opts.strict else "skip")
+                scored = without(category, result.skipped)
+                flags = nonfinite_flags(result)
+                t_metrics = time.perf_counter()
+                metrics, masks = category_metrics(scored, result, config, opts.num_workers, opts.progress)
             t_vis = time.perf_counter()
             if writer:
-                write_category(root, category, result, masks, opts.vis)
+                # the marker goes before its files are replaced: result.json present <=> its files are complete
+                outputs.remove_file(cat_dir / "result.json")
+                write_category(root, scored, result, masks, opts.vis)
             t_end = time.perf_counter()
-        except (DatasetError, ValueError, OSError, RuntimeError) as exc:
-            failures[name] = " ".join(str(exc).split()) or type(exc).__name__
+        except Exception as exc:
+            if isinstance(exc, outputs.OutputError) or (opts.strict and isinstance(exc, UnreadableImageError)):
+                raise
+            failures[name] = _one_line(exc)
             log(f"[{name}] failed: {failures[name]}")
             if opts.debug:
                 log(traceback.format_exc())
             continue
         timings = result.ms_per_image()
-        timings["metrics"] = 1e3 * (t_vis - t_metrics) / len(category)
-        timings["outputs"] = 1e3 * (t_end - t_vis) / len(category)
+        timings["metrics"] = 1e3 * (t_vis - t_metrics) / len(scored)
+        timings["outputs"] = 1e3 * (t_end - t_vis) / len(scored)
         entry = {
-            "n_images": len(category),
-            "n_defective": int(sum(1 for y in category.labels if y == 1)),
+            "n_images": len(scored),
+            "n_defective": int(sum(1 for y in scored.labels if y == 1)),
             "metrics": outputs.as_percent({k: metrics.get(k) for k in outputs.METRIC_COLUMNS}),
             "timings_ms_per_image": timings,
             "seconds": time.perf_counter() - t0,
+            "skipped": [{"path": str(category.samples[i].path), "reason": why} for i, why in result.skipped.items()],
+            "warnings": notes,
+            "flags": flags,
         }
         per_category[name] = entry
+        for s in entry["skipped"]:
+            log(f"[{name}] skipped: {s['reason']}")
+        for note in notes:
+            log(f"[{name}] warning: {note}")
+        if flags:
+            flagged[name] = "; ".join(flags)
+            log(f"[{name}] FLAGGED: {flagged[name]}")
         if writer:
-            outputs.write_json(root / outputs.safe_component(name) / "result.json", {**extra, **entry})
-            outputs.write_results(root, per_category, {**extra, "failures": failures}, opts.save_xlsx)
+            outputs.write_json(cat_dir / "result.json", {**extra, **keys[name], **entry})
+            save_results()
         shown = ", ".join(f"{k} {v:.2f}" for k, v in entry["metrics"].items() if v is not None)
-        log(f"[{name}] {len(category)} images, {timings['total']:.1f} ms/image (MuSc stages)"
+        log(f"[{name}] {len(scored)} images, {timings['total']:.1f} ms/image (MuSc stages)"
             + (f": {shown}" if shown else ""))
-    if failures and writer:  # the last write may predate a later failure
-        outputs.write_results(root, per_category, {**extra, "failures": failures}, opts.save_xlsx)
-    return RunSummary(root, per_category, failures)
+    if writer:  # also after failures, and when every category was reused
+        save_results()
+    return RunSummary(root, per_category, failures, flagged, list(done))

@@ -57,7 +57,9 @@ def overlay(image: Image.Image, norm_map: np.ndarray, mask: np.ndarray | None, s
         mask: [h, w] bool ground truth at any resolution, or None.
         score: image score to print in the top-left corner, or None.
     """
-    rgb = image.convert("RGB")
+    from .data.transforms import to_rgb  # 16-bit images scaled, not clipped, as for scoring
+
+    rgb = to_rgb(image)
     w, h = rgb.size
     heat = jet(resize_map(norm_map, w, h))
     out = (alpha * heat + (1 - alpha) * np.asarray(rgb, dtype=np.float64)).astype(np.uint8)

@@ -135,7 +135,11 @@ def assert_close(a, b, tol=2e-4):
 
 # --------------------------------------------------------------------------------------------- contract
 def test_registry_lists_every_backbone():
-    assert set(available()) == set(ARCH)
+    from musc_fast.backbones.base import _REGISTRY
+
+    # Test modules may register their own fakes; the package's own builders are exactly ARCH.
+    builtin = {name for name in available() if _REGISTRY[name].__module__.startswith("musc_fast.")}
+    assert builtin == set(ARCH)
 
 
 @pytest.mark.parametrize("name", list(ARCH))

@@ -81,13 +81,32 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, expected):
     assert code == 2 and expected in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_failed_category_does_not_stop_the_others(tmp_path, synthetic_root, capsys):
+def test_unknown_category_fails_before_anything_is_scored(tmp_path, synthetic_root, capsys):
     code = main(["run", "--dataset", "synthetic", "--data-path", str(synthetic_root), "--category", "texture",
                  "nosuch", "--out", str(tmp_path), *TINY])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "nosuch" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.rglob("*.json"))  # the preflight lists every category before scoring
+
+
+def test_failed_category_does_not_stop_the_others(tmp_path, synthetic_root, capsys, monkeypatch):
+    from musc_fast import runner
+
+    real = runner.score_category
+
+    def flaky(model, category, **kw):
+        if category.name == "object":
+            raise RuntimeError("simulated failure\nwith a second line")
+        return real(model, category, **kw)
+
+    monkeypatch.setattr(runner, "score_category", flaky)
+    code = main(["run", "--dataset", "synthetic", "--data-path", str(synthetic_root), "--out", str(tmp_path), *TINY])
     captured = capsys.readouterr()
-    assert code == 1 and "FAILED nosuch" in captured.err
-    data = json.loads((tmp_path / "synthetic" / "tiny_test" / "imagesize64" / "results.json").read_text())
-    assert list(data["categories"]) == ["texture"] and "nosuch" in data["failures"]
+    assert code == 1 and "FAILED object: simulated failure with a second line" in captured.err
+    root = tmp_path / "synthetic" / "tiny_test" / "imagesize64"
+    data = json.loads((root / "results.json").read_text())
+    assert list(data["categories"]) == ["texture"] and "object" in data["failures"]
+    assert (root / "texture" / "result.json").is_file() and not (root / "object" / "result.json").exists()
 
 
 def test_console_script_and_env():

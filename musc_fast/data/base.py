@@ -25,6 +25,19 @@ class DatasetError(ValueError):
     and what was expected (the CLI prints it and exits with status 2)."""
 
 
+class UnreadableImageError(DatasetError):
+    """An image file cannot be decoded (missing, truncated, not an image, no permission). The runner
+    skips such files with a warning unless ``--strict``; the message names the file."""
+
+
+def check_category_name(name: str) -> str:
+    """``name`` if it is one plain folder name; a DatasetError for names that would leave the data root
+    ("..", "a/b", absolute paths): categories are sub-folders, never paths."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise DatasetError(f"category {name!r}: expected a folder name inside the data set root, not a path")
+    return name
+
+
 @dataclass(frozen=True)
 class Sample:
     """One test image.

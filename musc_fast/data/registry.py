@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from .base import Category, DatasetError
+from .base import Category, DatasetError, check_category_name
 
 
 class Reader:
@@ -81,4 +81,4 @@ def list_categories(dataset: str, root: str | Path) -> list[str]:
 def load_category(dataset: str, root: str | Path, category: str) -> Category:
     """The test split of one category of ``dataset`` under ``root`` (see ``Category``)."""
     reader = get_reader(dataset)
-    return reader.load(_check_root(root), category)
+    return reader.load(_check_root(root), check_category_name(category))
