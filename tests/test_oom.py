@@ -49,15 +49,15 @@ class SmallGpu:
     def on(self) -> "SmallGpu":
         real_gram, real_pair = boxgram.fill_boxgram_block, msm.fill_pair_block
 
-        def gram(feats, by_patch, inv_norms, sim, task, g, r_list):
+        def gram(feats, by_patch, inv_norms, sim, task, g, r_list, work=None):
             _, j0, j1 = task
             self._check(4 * (j1 - j0) * L * L)  # the Gram block and its per-r temporaries
-            return real_gram(feats, by_patch, inv_norms, sim, task, g, r_list)
+            return real_gram(feats, by_patch, inv_norms, sim, task, g, r_list, work)
 
-        def pair(flat, sim, task, length, bias=None):
+        def pair(flat, sim, task, length, bias=None, work=None):
             i0, i1, j0, j1 = task
             self._check((i1 - i0) * (j1 - j0) * length * length)
-            return real_pair(flat, sim, task, length, bias)
+            return real_pair(flat, sim, task, length, bias, work)
 
         self.monkeypatch.setattr(boxgram, "fill_boxgram_block", gram)
         self.monkeypatch.setattr(msm, "fill_pair_block", pair)
