@@ -30,10 +30,9 @@ def nearest_similarity_torch(z: torch.Tensor, *, precision: str = "fp32",
                              window: int | None = None) -> torch.Tensor:
     """Nearest-patch similarity for every ordered pair of distinct images.
 
-    Works on query blocks: images I = [i0, i1) against all images J = [i0, N) in one product
-    ``Z_I Z_J^T``. Row maxima fill sim[I, :, J]; column maxima fill sim[J, :, I] for the images
-    after the block. Each unordered pair is computed once, except the pairs inside a query block
-    (both orders, a small overhead that buys larger, faster matmuls).
+    Works on query blocks: images I = [i0, i1) against the images after them in large products
+    ``Z_I Z_J^T`` (``pair_tasks``). Row maxima fill sim[I, :, J], column maxima sim[J, :, I]. Each
+    unordered pair is computed exactly once.
 
     Args:
         z: [N, L, C] unit rows (any float dtype).
@@ -119,13 +118,19 @@ def grid_side(length: int) -> int:
 def pair_tasks(n: int, length: int,
                block_elems: int = DEFAULT_BLOCK_ELEMS) -> list[tuple[int, int, int, int]]:
     """The product blocks of ``nearest_similarity_torch``, in its order: (i0, i1, j0, j1) = query images
-    [i0, i1) against partner images [j0, j1), j0 >= i0. Every entry sim[i, :, j] (i != j) is written by
-    exactly one task, so tasks can run on different processes and be merged with an elementwise max."""
+    [i0, i1) against partner images [j0, j1), j0 >= i1. Every entry sim[i, :, j] (i != j) is written by
+    exactly one task, so tasks can run on different processes and be merged with an elementwise max.
+
+    A query block of b images meets the images after it in large products (one GEMM of b*L rows);
+    the pairs inside the block come from one small task per image (i against i+1..i1-1), so no pair
+    is computed twice and no image against itself.
+    """
     per_pair = length * length
     tasks = []
     for i0, i1 in _query_blocks(n, per_pair, block_elems):
+        tasks.extend((i, i + 1, i + 1, i1) for i in range(i0, i1 - 1))  # pairs inside the block
         step = max(1, block_elems // ((i1 - i0) * per_pair))
-        tasks.extend((i0, i1, j0, min(n, j0 + step)) for j0 in range(i0, n, step))
+        tasks.extend((i0, i1, j0, min(n, j0 + step)) for j0 in range(i1, n, step))
     return tasks
 
 
@@ -164,9 +169,7 @@ def fill_pair_block(flat: torch.Tensor, sim: torch.Tensor, task: tuple[int, int,
     if bias is not None:
         block += bias[None, :, None, :]  # the window is symmetric: rows and columns both honour it
     sim[i0:i1, :, j0:j1] = block.amax(dim=3)  # I's patches -> nearest in each j
-    lo = max(j0, i1)  # partners after the query block get their direction from the columns
-    if lo < j1:
-        sim[lo:j1, :, i0:i1] = block[:, :, lo - j0:].amax(dim=1).permute(1, 2, 0)
+    sim[j0:j1, :, i0:i1] = block.amax(dim=1).permute(1, 2, 0)  # each j's patches -> nearest in I
 
 
 def window_bias(g: int, window: int, device: torch.device | str = "cpu") -> torch.Tensor:
