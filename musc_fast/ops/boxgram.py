@@ -51,9 +51,15 @@ def use_boxgram(device: torch.device | str, channels: int) -> bool:
 
 def _box_sum_along(x: torch.Tensor, dim: int, r: int, out: torch.Tensor) -> torch.Tensor:
     """Sum over the window of r entries centred on each index of ``dim`` (zero padded), into ``out``."""
-    out.copy_(x)
     n = x.shape[dim]
-    for shift in range(1, min((r - 1) // 2, n - 1) + 1):
+    if n == 1 or r == 1:
+        return out.copy_(x)
+    # The first shift writes out = x + x[next] directly (the last index has no next: a copy), which
+    # saves a full copy pass; further shifts accumulate in place.
+    torch.add(x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1), out=out.narrow(dim, 0, n - 1))
+    out.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 1, 1))
+    out.narrow(dim, 1, n - 1).add_(x.narrow(dim, 0, n - 1))
+    for shift in range(2, min((r - 1) // 2, n - 1) + 1):
         out.narrow(dim, 0, n - shift).add_(x.narrow(dim, shift, n - shift))
         out.narrow(dim, shift, n - shift).add_(x.narrow(dim, 0, n - shift))
     return out
@@ -123,13 +129,18 @@ def fill_boxgram_block(feats: torch.Tensor, by_patch: torch.Tensor, inv_norms: t
     gram = product_into(feats[i], by_patch[:, j0:j1].reshape(length * m, c).T, work[0] if work else None)
     gram = gram.view(length, length, m)
     for k, r in enumerate(r_list):
-        # One pass for the box divisor and both norms: s = filtered / (r^4 n_i(p) n_j(q)).
-        scale = inv_norms[k, i][:, None, None] * (inv_norms[k, j0:j1].T / float(r ** 4))
+        # s = filtered / (r^4 n_i(p) n_j(q)): two broadcast passes, no block-sized scale tensor.
+        row_scale = inv_norms[k, i][:, None, None]  # [L, 1, 1]
+        col_scale = inv_norms[k, j0:j1].T / float(r ** 4)  # [L, m]
         if r == 1:
-            s = gram * scale if work is None else torch.mul(gram, scale, out=work[1][:gram.numel()].view(gram.shape))
+            out = work[1][:gram.numel()].view(gram.shape) if work else torch.empty_like(gram)
+            s = torch.mul(gram, row_scale, out=out)
         else:
-            s = box_filter_gram(gram, g, r, work[1:] if work else None).mul_(scale)
-        sim[k, i, :, j0:j1] = s.amax(dim=1)  # i's patches -> nearest in each j
+            s = box_filter_gram(gram, g, r, work[1:] if work else None).mul_(row_scale)
+        s.mul_(col_scale)
+        # i's patches -> nearest in each j: max over q-row then q-col, so that each reduction runs over
+        # long contiguous rows (a direct max over q reads rows of only m values: measured 6-13x slower)
+        sim[k, i, :, j0:j1] = s.view(length, g, g * m).amax(dim=1).view(length, g, m).amax(dim=1)
         sim[k, j0:j1, :, i] = s.amax(dim=0).T  # each j's patches -> nearest in i
 
 
