@@ -16,7 +16,10 @@ patch scores, image scores and image AUROC are from the original-style row of th
     python bench/bench_e2e.py --quick               # a smoke run
     python bench/bench_e2e.py --backbone dinov2_vitl14 --image-size 518 --layers 5 11 17 23 --n 200
                                                     # GPU: the paper's cost (ViT-L/14, 1369 patches)
-Weights are random (speed does not depend on them); labels come from the image folders.
+    python bench/bench_e2e.py --backbone efficientnet_lite0 --pretrained imagenet --image-size 256 \
+        --layers 2 3 4 --n 83 --rows original torch_per_r torch_one_gram
+                                                    # real weights: the image AUROC each row keeps
+Weights are random by default (speed does not depend on them); labels come from the image folders.
 """
 from __future__ import annotations
 
@@ -80,7 +83,7 @@ def run_row(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = MuScConfig(backbone=args.backbone, pretrained=None, image_size=args.image_size,
+    config = MuScConfig(backbone=args.backbone, pretrained=args.pretrained, image_size=args.image_size,
                         layers=tuple(args.layers), r_list=tuple(args.r_list), batch_size=args.batch_size,
                         device=str(device), msm_precision="bf16" if args.row in BF16_ROWS else "fp32")
     model = MuSc(config, num_workers=0)
@@ -143,6 +146,8 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="ViT-B-16")
+    ap.add_argument("--pretrained", type=lambda v: None if v.lower() == "none" else v, default=None,
+                    help="weights tag (default none: random weights; e.g. imagenet for efficientnet_lite0)")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 5, 8, 11])
     ap.add_argument("--r-list", type=int, nargs="+", default=[1, 3, 5])
@@ -170,6 +175,7 @@ def main() -> None:
         for row in rows:
             out = Path(tmp) / f"{row}.npz"
             cmd = [sys.executable, __file__, "--row", row, "--scores-out", str(out), "--backbone", args.backbone,
+                   "--pretrained", str(args.pretrained),
                    "--image-size", str(args.image_size), "--n", str(args.n), "--batch-size", str(args.batch_size),
                    "--images", args.images, "--device", args.device, "--layers", *map(str, args.layers),
                    "--r-list", *map(str, args.r_list)]
@@ -193,7 +199,7 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     out_csv = Path(args.out) if args.out else Path(__file__).parent / "results" / f"bench_e2e_{device}.csv"
     write_rows(results, out_csv)
-    print(f"\nwrote {out_csv}; machine: {env_info().get('cpu_model', '')}")
+    print(f"\nwrote {out_csv}; machine: {env_info().get('cpu', '')}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a file: make ``bench`` and ``musc_fast``
 import torch
 import torch.nn.functional as F
 
-from bench.harness import REPO, measure, print_table, write_rows
+from bench.harness import measure, report_providers
 from musc_fast.ops.lnamd import lnamd_multi_torch
 
 PAPER = dict(n=200, grid=37, c=1024)
@@ -134,15 +134,7 @@ def main(argv=None) -> int:
                      "r_list": "/".join(map(str, r_list)), "token_dtype": args.token_dtype, **t,
                      "gbps": bytes_moved(out_size) / (t["ms_p50"] * 1e-3) / 1e9, "max_abs_diff": diff})
         del outs
-    base = next((r["ms_p50"] for r in rows if r["provider"] == "original"), None)
-    for r in rows:
-        r["speedup"] = base / r["ms_p50"] if base else ""
-    print_table(rows, ["provider", "precision", "ms_p20", "ms_p50", "ms_p80", "ms_first", "gbps", "speedup",
-                       "max_abs_diff"])
-    default_out = REPO / "bench" / "results" / f"bench_lnamd_{device.split(':')[0]}.csv"
-    out_path = Path(args.out) if args.out else default_out
-    write_rows(rows, out_path)
-    print(f"rows appended to {out_path}")
+    report_providers(rows, "gbps", "bench_lnamd", device, args.out)
     return 0
 
 

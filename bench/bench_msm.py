@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a file: make ``bench`` and ``musc_fast``
 
 import torch
 
-from bench.harness import REPO, measure, print_table, write_rows
+from bench.harness import measure, report_providers
 from musc_fast.ops import interval_bounds, mutual_scores
 
 PAPER = dict(n=200, length=1369, c=1024)  # ViT-L-14-336 at 518 px, 200 images per set (SPEC 9)
@@ -213,12 +213,7 @@ def main(argv=None) -> int:
     if on_gpu:
         rows += roofline_rows(length, c, sync)
 
-    print_table(rows, ["provider", "precision", "ms_p20", "ms_p50", "ms_p80", "ms_first", "tflops",
-                       "speedup", "max_abs_diff"])
-    default_out = REPO / "bench" / "results" / f"bench_msm_{device.split(':')[0]}.csv"
-    out_path = Path(args.out) if args.out else default_out
-    write_rows(rows, out_path)
-    print(f"rows appended to {out_path}")
+    report_providers(rows, "tflops", "bench_msm", device, args.out)
     return 0
 
 

@@ -148,3 +148,20 @@ def format_rows(rows: list[dict], columns=None) -> str:
 def print_table(rows: list[dict], columns=None, file=None) -> None:
     """Print format_rows(rows, columns) to ``file`` (stdout)."""
     print(format_rows(rows, columns), file=file or sys.stdout)
+
+
+PROVIDER_COLUMNS = ["provider", "precision", "ms_p20", "ms_p50", "ms_p80", "ms_first"]
+
+
+def report_providers(rows: list[dict], rate_column: str, bench: str, device: str, out: str | None) -> Path:
+    """The common ending of the per-op benchmarks: speed-up against the "original" provider, a printed
+    table, and the rows appended to ``out`` (default ``bench/results/<bench>_<device kind>.csv``)."""
+    base = next((r["ms_p50"] for r in rows if r["provider"] == "original"), None)
+    for r in rows:
+        r["speedup"] = base / r["ms_p50"] if base else ""
+    print_table(rows, [*PROVIDER_COLUMNS, rate_column, "speedup", "max_abs_diff"])
+    out_path = Path(out) if out else REPO / "bench" / "results" / f"{bench}_{device.split(':')[0]}.csv"
+    write_rows(rows, out_path)
+    print(f"rows appended to {out_path}")
+    return out_path
+
