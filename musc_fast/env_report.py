@@ -39,6 +39,9 @@ def env_report() -> str:
             lines.append(f"{op} backend on {device}: {ops.backend(op, device)}")
         except (RuntimeError, ValueError) as exc:
             lines.append(f"{op} backend on {device}: error: {exc}")
+    from .backbones.attention import attention_backend
+
+    lines.append(f"attention on {device}: {attention_backend(device)}")
     from .kernels import available as kernels_available
 
     ok, why = kernels_available()

@@ -16,8 +16,8 @@ Registered names: ViT-B-32, ViT-B-16, ViT-B-16-plus-240, ViT-L-14, ViT-L-14-336.
 * Activation quirk (SPEC 1.4): the original only keeps QuickGELU for ``pretrained='openai'`` at the
   model's native size; everything else (other sizes, other tags, random init) runs exact GELU. That is
   the default here; ``quick_gelu=True/False`` forces one. ``compat`` changes nothing for CLIP.
-* Attention runs through ``F.scaled_dot_product_attention`` (flash/memory-efficient kernels on CUDA);
-  the attention weights are never materialised.
+* Attention runs through ``F.scaled_dot_product_attention`` (flash/memory-efficient kernels on CUDA),
+  or xformers when installed (``attention.py``); the attention weights are never materialised.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attend
 from .base import CLIP_PREPROCESS, Backbone, BackboneOutput, check_layers, register_backbone
 from .weights import load_weights, pos_embed_adapter
 
@@ -71,7 +72,7 @@ class SDPABlock(nn.Module):
         b, t, c = x.shape
         qkv = F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias)
         q, k, v = qkv.view(b, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, C/H]
+        o = attend(q, k, v)  # [B, H, T, C/H]
         o = o.transpose(1, 2).reshape(b, t, c)
         return F.linear(o, self.attn.out_proj.weight, self.attn.out_proj.bias)
 
