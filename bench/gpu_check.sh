@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check for an H200 session (15 minutes of device time in all; this script is sized
-# for about 5 minutes and at most ~8.5 if every step hits its timeout). Run from the repository root:
+# for about 7 minutes and at most ~9.5 if every step hits its timeout). Run from the repository root:
 #
 #     bash bench/gpu_check.sh
 #
@@ -8,7 +8,7 @@
 #   gpu_check.log            all output, step by step, with a summary table at the end
 #   env.txt                  nvidia-smi, python/torch/triton versions
 #   kernels_gpu.xml, kernels_compiled.xml   pytest junit reports
-#   bench_msm_cuda.csv, bench_lnamd_cuda.csv rows from the benchmarks (bench.harness columns)
+#   bench_msm_cuda.csv, bench_lnamd_cuda.csv, bench_e2e_cuda.csv  rows from the benchmarks
 # Needs torch + triton + pytest there (no faiss, no open_clip: those tests/providers skip themselves),
 # and bench/harness.py (from main). Steps run in priority order and the script goes on after a failure;
 # the exit status is the number of failed steps.
@@ -45,36 +45,37 @@ step env 30 bash -c 'nvidia-smi; python3 -c "import sys, torch, triton; print(sy
 cp "$LOG" "$OUT/env.txt"
 
 # 2. Correctness on the GPU at larger shapes (pytest -m gpu: paper grid L=1369, C=1024, N=200 interval).
-step tests-gpu 90 python3 -m pytest -q -m gpu tests/test_kernels.py --junitxml="$OUT/kernels_gpu.xml"
+step tests-gpu 60 python3 -m pytest -q -m gpu tests/test_kernels.py --junitxml="$OUT/kernels_gpu.xml"
 
 # 3. The headline: one MSM pass at the paper shape (N=200, L=1369, C=1024): original loop, torch path,
 #    Triton kernels in fp32 (TF32 off), bf16 and tf32, plus the torch.mm roofline measured in the same run.
-step bench-msm-paper 150 python3 bench/bench_msm.py --paper --providers original,torch,triton \
+step bench-msm-paper 120 python3 bench/bench_msm.py --paper --providers original,torch,triton \
     --precision fp32,bf16,tf32 --reps 3 --original-reps 2 --out "$OUT/bench_msm_cuda.csv"
+
+# 3b. The end-to-end ladder at the paper's cost (ViT-L/14 through timm, random weights, 518 px: L=1369,
+#     C=1024, layers 5 11 17 23, r 1 3 5; random images), N=200: the original-style pipeline, the torch
+#     per-(layer, r) path, Triton fp32 and bf16, and the unfused one-Gram torch path in bf16.
+step bench-e2e-n200 180 python3 bench/bench_e2e.py --backbone dinov2_vitl14 --image-size 518 \
+    --layers 5 11 17 23 --n 200 --batch-size 32 --images "" --device cuda \
+    --rows original torch_per_r triton_fp32 triton_bf16 one_gram_bf16 --out "$OUT/bench_e2e_cuda.csv"
 
 # 4. Every kernel test compiled on CUDA (the same cases the CPU run checks under the interpreter,
 #    plus the offline sm_90 build check against this machine's Triton).
-step tests-compiled 120 python3 -m pytest -q -m "not gpu" tests/test_kernels.py \
+step tests-compiled 60 python3 -m pytest -q -m "not gpu" tests/test_kernels.py \
     --junitxml="$OUT/kernels_compiled.xml"
 
 # 5. LNAMD at the paper shape for one layer (N=200, G=37, C=1024, fp16 tokens, r = 1, 3, 5).
-step bench-lnamd-paper 60 python3 bench/bench_lnamd.py --paper --out "$OUT/bench_lnamd_cuda.csv"
+step bench-lnamd-paper 40 python3 bench/bench_lnamd.py --paper --out "$OUT/bench_lnamd_cuda.csv"
 
-# 6. Autotuning of the mutual-min kernel at the paper shape (candidates in kernels/mutual_min.py);
-#    the chosen configs are printed, rows carry autotune=1.
-step msm-autotune 90 env MUSC_FAST_AUTOTUNE=1 python3 bench/bench_msm.py --paper --providers triton \
+# 6. The ladder at N=1000 in one process group (no divide_num), the fast rows only.
+step bench-e2e-n1000 100 python3 bench/bench_e2e.py --backbone dinov2_vitl14 --image-size 518 \
+    --layers 5 11 17 23 --n 1000 --batch-size 32 --images "" --device cuda \
+    --rows triton_fp32 triton_bf16 --out "$OUT/bench_e2e_cuda.csv"
+
+# 7. If time is left: autotuning of the mutual-min kernel at the paper shape (MUSC_FAST_AUTOTUNE=1).
+step msm-autotune 60 env MUSC_FAST_AUTOTUNE=1 python3 bench/bench_msm.py --paper --providers triton \
     --precision bf16,fp32 --reps 3 --out "$OUT/bench_msm_cuda.csv"
 
-# 7. The issue's comparison shape on the GPU (N=48, L=196, C=768).
-step bench-msm-small 40 python3 bench/bench_msm.py --providers original,torch,triton \
-    --precision fp32,bf16 --out "$OUT/bench_msm_cuda.csv"
-
-# ---------------------------------------------------------------------------------------------------
-# 8. END-TO-END LADDER (lead's bench/bench_e2e.py): set E2E_ARGS and keep the timeout within budget.
-E2E_ARGS=()   # LEAD: fill in, e.g. (--dataset synthetic --n 200 --out "$OUT/bench_e2e.csv")
-if [ -f bench/bench_e2e.py ] && [ ${#E2E_ARGS[@]} -gt 0 ]; then
-    step bench-e2e 120 python3 bench/bench_e2e.py "${E2E_ARGS[@]}"
-fi
 # ---------------------------------------------------------------------------------------------------
 
 {
