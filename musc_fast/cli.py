@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import PRESETS, MuScConfig, rscin_k_for
+from .config import COMPILE_MODES, PRESETS, MuScConfig, rscin_k_for
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -20,7 +20,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 RUN_KEYS = ("dataset", "data_path", "category", "out", "vis", "save_xlsx", "num_workers", "preset", "strict",
             "resume")
 CONFIG_KEYS = ("backbone", "pretrained", "weights", "image_size", "layers", "r_list", "topmin", "rscin_k",
-               "batch_size", "divide_num", "device", "precision", "msm_precision", "compat", "quick_gelu")
+               "batch_size", "divide_num", "device", "precision", "msm_precision", "compat", "quick_gelu",
+               "compile")
 
 
 class CliError(Exception):
@@ -49,6 +50,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="backbone dtype")
     g.add_argument("--msm-precision", choices=["fp32", "bf16", "fp16"], help="mutual-scoring matmul dtype")
+    g.add_argument("--compile", choices=list(COMPILE_MODES),
+                   help="torch.compile the backbone (compile time reported apart; pays on large sets)")
     g.add_argument("--compat", action="store_true", default=None,
                    help="reproduce the original's edge cases (NaN for N<=4, 0 for missing metrics)")
     g.add_argument("--quick-gelu", type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL",

@@ -72,7 +72,8 @@ class Result:
     def ms_per_image(self) -> dict[str, float]:
         """``timings`` divided by the number of images, plus their ``total``."""
         n = max(len(self), 1)
-        per = {k: v / n for k, v in self.timings.items()}
+        # one-off costs (compilation) are not per-image work
+        per = {k: v / n for k, v in self.timings.items() if k != "compile"}
         per["total"] = sum(per.values())
         return per
 
@@ -257,6 +258,8 @@ class MuSc:
         self.device = resolve_device(self.config.device)
         self.num_workers = num_workers
         self._backbone = backbone
+        self._forward = None  # the (compiled) forward, made on first use
+        self._warm_sizes: set[int] = set()  # batch sizes already compiled
 
     # --- model -----------------------------------------------------------------------------------
     @property
@@ -281,6 +284,28 @@ class MuSc:
             check_image_size(c.backbone, c.image_size, model.patch_size, compat=c.compat)
             self._backbone = model
         return self._backbone
+
+    @property
+    def forward(self):
+        """The backbone's forward, through ``torch.compile`` when ``config.compile`` asks for it."""
+        if self._forward is None:
+            mode = self.config.compile
+            self._forward = self.backbone if mode == "off" else torch.compile(self.backbone, mode=mode)
+        return self._forward
+
+    def warm_up(self, batch_images: torch.Tensor, need_cls: bool = True) -> bool:
+        """Run one batch of each size that ``extract`` will use (the full batch and the last, shorter
+        one) through the compiled forward, so that compilation and CUDA-graph capture are not timed as
+        backbone work; nothing is kept. Returns whether anything was compiled (False without
+        ``config.compile`` or when those sizes are compiled already)."""
+        bs, n = self.config.batch_size, len(batch_images)
+        sizes = {min(bs, n), n % bs or min(bs, n)} - self._warm_sizes
+        if self.config.compile == "off" or not sizes:
+            return False
+        for size in sorted(sizes):
+            self.extract(batch_images[:size], progress=False, need_cls=need_cls)
+        self._warm_sizes |= sizes
+        return True
 
     # --- stages ----------------------------------------------------------------------------------
     def preprocess(self, images: ImageInput, *, progress: bool = True) -> torch.Tensor:
@@ -320,7 +345,7 @@ class MuSc:
             (tokens: one [N, L, C] tensor per layer on ``self.device`` in the backbone's dtype,
              cls: [N, D] or None when ``need_cls`` is False).
         """
-        model, bs = self.backbone, self.config.batch_size
+        model, bs = self.forward, self.config.batch_size
         per_layer: list[list[torch.Tensor]] = [[] for _ in self.config.layers]
         cls_parts: list[torch.Tensor] = []
         starts = range(0, len(batch_images), bs)
@@ -388,6 +413,9 @@ class MuSc:
             subsets = None if subsets is None else _remap_subsets(subsets, keep)
             if local is None:  # one process: unreadable files never reach the backbone
                 pixels = pixels[torch.as_tensor(keep, dtype=torch.long)]
+        if self.config.compile != "off":
+            with timer.stage("compile"):  # reported apart; once per batch size and model
+                self.warm_up(pixels, need_cls=need_cls)
         with timer.stage("backbone"):
             tokens, cls = self.extract(pixels, progress=progress, need_cls=need_cls)
             if local is not None:
