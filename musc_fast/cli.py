@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="versions, devices, active kernels and backends")
 
     bench = sub.add_parser("bench", help="the end-to-end speed ladder (bench/bench_e2e.py)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for bench_e2e")
+    bench.add_argument("bench_args", nargs="*", help="arguments for bench/bench_e2e.py (see its --help)")
 
     try:
         from .cli_bank import add_bank_commands
@@ -245,7 +245,13 @@ COMMANDS = {"run": cmd_run, "demo": cmd_demo, "env": cmd_env, "bench": cmd_bench
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "bench":  # everything after `bench` is bench_e2e.py's
+        args = parser.parse_args(argv[:command + 1])
+        args.bench_args = argv[command + 1:]
+    else:
+        args = parser.parse_args(argv)
     handler = COMMANDS.get(args.command)
     if handler is None:
         from .cli_bank import run_bank_command

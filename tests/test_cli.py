@@ -139,3 +139,13 @@ def test_jet_and_overlay():
     pic = viz.overlay(Image.new("L", (40, 30), 128), np.linspace(0, 1, 256).reshape(16, 16), mask, 0.5)
     assert pic.size == (40, 30) and pic.mode == "RGB"
     assert (np.asarray(pic) == 255).all(axis=-1).any()  # the white GT contour is drawn
+
+
+def test_bench_passes_every_argument_to_the_ladder(monkeypatch):
+    import runpy
+
+    seen = {}
+    monkeypatch.setattr(runpy, "run_path", lambda path, run_name: seen.update(path=path, argv=list(sys.argv)))
+    assert main(["bench", "--quick", "--out", "x.csv", "--rows", "original"]) == 0
+    assert seen["path"].endswith("bench_e2e.py")
+    assert seen["argv"][1:] == ["--quick", "--out", "x.csv", "--rows", "original"]
