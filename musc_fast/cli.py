@@ -235,8 +235,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"{script}: the benchmark ladder ships with the source checkout (bench/), not the wheel")
     import runpy
 
-    sys.argv = [str(script), *args.bench_args]
-    runpy.run_path(str(script), run_name="__main__")
+    saved, sys.argv = sys.argv, [str(script), *args.bench_args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
     return EXIT_OK
 
 
