@@ -284,7 +284,7 @@ def default_config(precision: str, length: int, chans: int) -> BoxGramConfig:
 
 def chunk_pairs(n_pairs: int, length: int, n_filtered: int, block_elems: int) -> int:
     """Pairs per chunk: the Gram scratch and up to 4 filtered blocks, each [m, L, LD] (counted as fp32),
-    within 4 * block_elems values, the temporaries ``memory.fits_one_gram`` budgets for this path."""
+    within 4 * block_elems values (at least one pair)."""
     if n_filtered == 0:
         return max(1, n_pairs)  # no scratch: one launch for every pair
     per_pair = length * _lead(length) * (1 + min(n_filtered, MAX_R_PER_LAUNCH))
@@ -354,7 +354,8 @@ def _run(feats, inv, sim, pi, pj, g, distinct, precision, cfg, block_elems) -> N
     big = [k for k, r in enumerate(distinct) if r > 1]
     k1 = distinct.index(1) if 1 in distinct else None
     n_pairs = pi.numel()
-    m = chunk_pairs(n_pairs, length, len(big), block_elems)
+    # memory.fits_one_gram budgets 4 * min(block_elems, N L^2) values of temporaries for this path
+    m = chunk_pairs(n_pairs, length, len(big), min(block_elems, n * length * length))
     ld = _lead(length)
     width = min(len(big), MAX_R_PER_LAUNCH)
     gram = torch.empty((m if big else 1, length, ld), dtype=_GRAM_DTYPE[precision], device=feats.device)
