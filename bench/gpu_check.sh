@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for an H200 session (15 minutes of device time in all; this script is sized
-# for about 7 minutes and at most ~9.5 if every step hits its timeout). Run from the repository root:
+# for about 7 minutes and at most 10 (600 s of timeouts) if every step hits its timeout). Run from the
+# repository root:
 #
 #     bash bench/gpu_check.sh
 #
@@ -8,7 +9,7 @@
 #   gpu_check.log            all output, step by step, with a summary table at the end
 #   env.txt                  nvidia-smi, python/torch/triton versions
 #   kernels_gpu.xml, kernels_compiled.xml   pytest junit reports
-#   bench_msm_cuda.csv, bench_lnamd_cuda.csv, bench_e2e_cuda.csv  rows from the benchmarks
+#   bench_msm_cuda.csv, bench_lnamd_cuda.csv, bench_e2e_cuda.csv, bench_boxgram_cuda.csv  benchmark rows
 # Needs torch + triton + pytest there (no faiss, no open_clip: those tests/providers skip themselves),
 # and bench/harness.py (from main). Steps run in priority order and the script goes on after a failure;
 # the exit status is the number of failed steps.
@@ -55,9 +56,15 @@ step bench-msm-paper 120 python3 bench/bench_msm.py --paper --providers original
 # 3b. The end-to-end ladder at the paper's cost (ViT-L/14 through timm, random weights, 518 px: L=1369,
 #     C=1024, layers 5 11 17 23, r 1 3 5; random images), N=200: the original-style pipeline, the torch
 #     per-(layer, r) path, Triton fp32 and bf16, and the unfused one-Gram torch path in bf16.
-step bench-e2e-n200 180 python3 bench/bench_e2e.py --backbone dinov2_vitl14 --image-size 518 \
+step bench-e2e-n200 160 python3 bench/bench_e2e.py --backbone dinov2_vitl14 --image-size 518 \
     --layers 5 11 17 23 --n 200 --batch-size 32 --images "" --device cuda \
     --rows original torch_per_r triton_fp32 triton_bf16 one_gram_bf16 --out "$OUT/bench_e2e_cuda.csv"
+
+# 3c. The one-Gram Triton kernels (kernels/boxgram.py) against per-r Triton passes, one layer at the paper
+#     shape (synthetic tokens, N=200, G=37, C=1024, r 1 3 5), bf16 then fp32; rows are written as they
+#     finish. Decides whether MUSC_FAST_BOXGRAM's auto should take the one-Gram path on CUDA.
+step bench-boxgram-paper 60 python3 bench/bench_boxgram.py --paper --providers triton --precision bf16,fp32 \
+    --reps 1 --out "$OUT/bench_boxgram_cuda.csv"
 
 # 4. Every kernel test compiled on CUDA (the same cases the CPU run checks under the interpreter,
 #    plus the offline sm_90 build check against this machine's Triton).
@@ -65,15 +72,15 @@ step tests-compiled 60 python3 -m pytest -q -m "not gpu" tests/test_kernels.py \
     --junitxml="$OUT/kernels_compiled.xml"
 
 # 5. LNAMD at the paper shape for one layer (N=200, G=37, C=1024, fp16 tokens, r = 1, 3, 5).
-step bench-lnamd-paper 40 python3 bench/bench_lnamd.py --paper --out "$OUT/bench_lnamd_cuda.csv"
+step bench-lnamd-paper 30 python3 bench/bench_lnamd.py --paper --out "$OUT/bench_lnamd_cuda.csv"
 
 # 6. The ladder at N=1000 in one process group (no divide_num), the fast rows only.
-step bench-e2e-n1000 100 python3 bench/bench_e2e.py --backbone dinov2_vitl14 --image-size 518 \
+step bench-e2e-n1000 50 python3 bench/bench_e2e.py --backbone dinov2_vitl14 --image-size 518 \
     --layers 5 11 17 23 --n 1000 --batch-size 32 --images "" --device cuda \
     --rows triton_fp32 triton_bf16 --out "$OUT/bench_e2e_cuda.csv"
 
 # 7. If time is left: autotuning of the mutual-min kernel at the paper shape (MUSC_FAST_AUTOTUNE=1).
-step msm-autotune 60 env MUSC_FAST_AUTOTUNE=1 python3 bench/bench_msm.py --paper --providers triton \
+step msm-autotune 30 env MUSC_FAST_AUTOTUNE=1 python3 bench/bench_msm.py --paper --providers triton \
     --precision bf16,fp32 --reps 3 --out "$OUT/bench_msm_cuda.csv"
 
 # ---------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from .checks import (
 )
 from .config import MuScConfig
 from .data.base import DatasetError
-from .ops.boxgram import mutual_scores_multi, use_boxgram
+from .ops.boxgram import gram_backend_ok, mutual_scores_multi, use_boxgram
 from .ops.lnamd import grid_of, layer_norm_chw
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ def score_features(
     retry = mem.OomRetry(memory, n_max, length, dev)
 
     def one_gram(plan: "MemoryPlan", n_sub: int, c_layer: int) -> bool:  # decided per layer and plan
-        return (use_boxgram(dev, c_layer) and ops.backend("msm", dev) == "torch" and aligned_window is None
+        return (use_boxgram(dev, c_layer) and gram_backend_ok(dev) and aligned_window is None
                 and mem.fits_one_gram(plan, n_sub, length, c_layer, len(r_list)))
 
     def gram_pass(normed: torch.Tensor, plan: "MemoryPlan") -> torch.Tensor:

@@ -413,7 +413,8 @@ def test_kernels_build_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json; from musc_fast.kernels import _sm90 as s; print(json.dumps({"
             "'bf16': s.mutual_min_report('bf16'), 'fp32': s.mutual_min_report('fp32'), "
-            "'interval': s.interval_mean_report(200), 'lnamd': s.lnamd_report(1024)}))")
+            "'interval': s.interval_mean_report(200), 'lnamd': s.lnamd_report(1024), "
+            "**{f'boxgram_{p}_{k}': v for p in ('bf16', 'fp32') for k, v in s.boxgram_report(p).items()}}))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if res.returncode != 0:
@@ -427,6 +428,14 @@ def test_kernels_build_for_sm90_without_spills():
     assert rep["bf16"]["HGMMA"] > 0 and rep["bf16"]["LDGSTS"] > 0, rep["bf16"]
     assert rep["fp32"]["HGMMA"] == 0 and rep["fp32"]["FFMA"] > 0, rep["fp32"]  # TF32 really off
     assert rep["bf16"]["RED"] > 0 and rep["bf16"]["ATOM"] == 0, rep["bf16"]
+    # One-Gram kernels (kernels/boxgram.py): the Gram on wgmma in bf16, on FFMA in fp32 (exact mode);
+    # every degree's maxima through red.max; the filters of r = 3 and 5 present and spill-free (above).
+    box = {k[len("boxgram_"):]: r for k, r in rep.items() if k.startswith("boxgram_")}
+    assert {"bf16_gram", "bf16_box_rows", "bf16_box_cols_r3", "bf16_box_cols_r5", "fp32_gram"} <= set(box)
+    assert box["bf16_gram"]["HGMMA"] > 0 and box["bf16_gram"]["LDGSTS"] > 0, box["bf16_gram"]
+    assert box["fp32_gram"]["HGMMA"] == 0 and box["fp32_gram"]["FFMA"] > 0, box["fp32_gram"]
+    for name in ("gram", "box_cols_r3", "box_cols_r5"):
+        assert box[f"bf16_{name}"]["RED"] > 0 and box[f"bf16_{name}"]["ATOM"] == 0, (name, box[f"bf16_{name}"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from musc_fast.ops import SmallBatchWarning
-from musc_fast.ops.boxgram import MIN_CHANNELS_CPU, box_filter_gram, mutual_scores_multi, use_boxgram
+from musc_fast.ops.boxgram import (
+    MIN_CHANNELS_CPU,
+    box_filter_gram,
+    gram_backend_ok,
+    mutual_scores_multi,
+    use_boxgram,
+)
 from musc_fast.ops.lnamd import box_mean, layer_norm_chw, lnamd_torch
 from musc_fast.ops.msm import mutual_scores_torch
 from musc_fast.ops.reference import lnamd_reference, mutual_scores_reference
@@ -102,6 +108,11 @@ def test_switch(monkeypatch):
     monkeypatch.setenv("MUSC_FAST_BOXGRAM", "maybe")
     with pytest.raises(ValueError, match="MUSC_FAST_BOXGRAM"):
         use_boxgram("cpu", 1024)
+    # The torch blocks serve every mode; the Triton path needs MUSC_FAST_BOXGRAM=1 (tests/kernel_cases_boxgram.py)
+    monkeypatch.setenv("MUSC_FAST_MSM", "torch")
+    for mode in ("auto", "1", "0"):
+        monkeypatch.setenv("MUSC_FAST_BOXGRAM", mode)
+        assert gram_backend_ok("cpu")
 
 
 def test_pipeline_default_equals_per_r_pipeline(monkeypatch):

@@ -1,4 +1,5 @@
-"""Triton kernel tests (tests/kernel_cases.py): decides whether they can run in this process.
+"""Triton kernel tests (tests/kernel_cases.py, tests/kernel_cases_boxgram.py): decides whether they can run
+in this process.
 
 The Triton interpreter is chosen when triton itself is imported (its standard library, tl.max, tl.sum,
 is decorated then), so TRITON_INTERPRET=1 must be set before the first ``import triton`` of the process.
@@ -39,6 +40,7 @@ def _interpreter_ready() -> bool:
 
 if _COMPILED or _interpreter_ready():
     from tests.kernel_cases import *  # noqa: F401,F403  (collected here)
+    from tests.kernel_cases_boxgram import *  # noqa: F401,F403
 else:
 
     def test_kernel_cases_in_interpreter_subprocess():

@@ -17,7 +17,7 @@ _TRUE = ("1", "true", "on", "yes")
 
 __all__ = [
     "available", "faiss_available", "lnamd_triton", "nearest_similarity_triton", "interval_mean_triton",
-    "mutual_scores_triton", "nearest_similarity_faiss",
+    "mutual_scores_triton", "nearest_similarity_multi_triton", "nearest_similarity_faiss",
 ]
 
 
@@ -65,6 +65,12 @@ def lnamd_triton(tokens, r_list, **kwargs):
 def nearest_similarity_triton(z, *, precision: str = "fp32", **kwargs):
     """[N, L, C] (or [P, N, L, C]) -> sim [N, L, N] (or [P, N, L, N]) fp32. See ``kernels.mutual_min``."""
     return _module("mutual_min").nearest_similarity_triton(z, precision=precision, **kwargs)
+
+
+def nearest_similarity_multi_triton(x, r_list, *, precision: str = "fp32", **kwargs):
+    """LayerNorm'd x [N, L, C] -> sim [R, N, L, N] fp32 for every r from one Gram block per pair. See
+    ``kernels.boxgram``."""
+    return _module("boxgram").nearest_similarity_multi_triton(x, r_list, precision=precision, **kwargs)
 
 
 def interval_mean_triton(sim, k_min: int, k_max: int, **kwargs):

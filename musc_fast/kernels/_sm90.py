@@ -50,7 +50,9 @@ def compile_kernel(fn, signature: dict, constexprs: dict, divisible: tuple[str, 
                               capture_output=True, text=True, check=True).stdout
     field = lambda name: int(re.search(rf"{name}:(\d+)", usage).group(1))  # noqa: E731
     report = {"shared": kernel.metadata.shared, "regs": field("REG"), "stack": field("STACK")}
-    opcodes = [o.split(".")[0] for o in re.findall(r"^\s+/\*[0-9a-f]+\*/\s+([A-Z][A-Z0-9_.]*)", sass, re.M)]
+    # An optional guard predicate (@P0, @!P1, @UPT ...) precedes masked loads, stores and reductions.
+    opcodes = [o.split(".")[0] for o in
+               re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M)]
     report.update({op: sum(o in _COUNTED[op] for o in opcodes) for op in _COUNTED})
     return report
 
@@ -100,6 +102,19 @@ def lnamd_report(chans: int = 1024, r_list=(1, 3, 5), token_dtype: str = "fp16")
                           num_warps=warps)
 
 
+def boxgram_report(precision: str, chans: int = 1024, r_list=(1, 3, 5)) -> dict:
+    """sm_90 builds of the one-Gram kernels (kernels/boxgram.py) as a paper-grid launch specialises them
+    (L=1369, C channels, GPU default config): {"gram", "box_rows", "box_cols_r<R>" per R > 1: report}."""
+    import torch
+
+    from . import boxgram
+
+    reports = preflight([lambda: boxgram.nearest_similarity_multi_triton(
+        torch.zeros(2, 1369, chans), r_list, precision=precision)])
+    names = {"_gram_kernel": "gram", "_box_rows_kernel": "box_rows"}
+    return {names.get(r["kernel"], f"box_cols_r{r['constexprs'].get('R')}"): r for r in reports}
+
+
 def preflight(calls) -> list[dict]:
     """Run wrapper calls with every Triton launch replaced by an sm_90 build of exactly that launch.
 
@@ -118,7 +133,7 @@ def preflight(calls) -> list[dict]:
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import JITFunction
 
-    from . import _common, interval_mean, lnamd, mutual_min
+    from . import _common, boxgram, interval_mean, lnamd, mutual_min
 
     seen: dict[tuple, dict] = {}
 
@@ -152,7 +167,7 @@ def preflight(calls) -> list[dict]:
 
     saved = JITFunction.__getitem__
     no_check = lambda *tensors: None  # noqa: E731  (CPU tensors stand in for CUDA ones)
-    modules = (_common, interval_mean, lnamd, mutual_min)
+    modules = (_common, boxgram, interval_mean, lnamd, mutual_min)
     checks = [m.check_device for m in modules]
     JITFunction.__getitem__ = fake_getitem
     for m in modules:
@@ -171,7 +186,8 @@ def default_preflight_calls():
     """The launches of tests/test_kernels.py (GPU-compiled run) and of the paper-shape benchmarks."""
     import torch
 
-    from . import interval_mean_triton, lnamd_triton, nearest_similarity_triton
+    from . import interval_mean_triton, lnamd_triton, nearest_similarity_multi_triton, nearest_similarity_triton
+    from .boxgram import BoxGramConfig
     from .mutual_min import MutualMinConfig
 
     small = MutualMinConfig(16, 32, 16)
@@ -203,6 +219,17 @@ def default_preflight_calls():
     ]:
         calls.append(lambda shape=shape, r_list=r_list, dtype=dtype, o=out_dtype, bp=bp: lnamd_triton(
             torch.zeros(shape, dtype=dtype), r_list, out_dtype=o, block_p=bp))
+    small_box = BoxGramConfig(16, 32, 16, rows_p=16, rows_q=32, cols_p=32, cols_q=16)
+    for n, length, c, r_list, cfg, precs in [
+        (2, 25, 24, (1, 3, 5), None, ("fp32",)), (3, 49, 37, (1, 3, 5), None, ("fp32", "bf16", "fp16")),
+        (5, 81, 20, (5, 1, 3, 1), None, ("fp32",)), (4, 25, 16, (3, 7), None, ("fp32",)),
+        (3, 49, 37, (1, 3, 5), small_box, ("fp32",)), (6, 49, 24, (1, 3, 5), None, ("fp32",)),
+        (4, 1369, 1024, (1, 3, 5), None, ("fp32", "bf16", "fp16")), (4, 1369, 768, (1, 3, 5), None, ("fp32",)),
+    ]:
+        for prec in precs:
+            calls.append(lambda n=n, length=length, c=c, r_list=r_list, cfg=cfg, prec=prec:
+                         nearest_similarity_multi_triton(torch.zeros(n, length, c), r_list, precision=prec,
+                                                         config=cfg))
     return calls
 
 
@@ -226,3 +253,6 @@ if __name__ == "__main__":
     print("interval_mean N=1000", interval_mean_report(1000))
     print("lnamd C=1024", lnamd_report(1024))
     print("lnamd C=768", lnamd_report(768))
+    for prec in ("bf16", "fp32"):
+        for name, rep in boxgram_report(prec).items():
+            print("boxgram", prec, name, rep)

@@ -9,7 +9,9 @@ i.e. a 4-D box filter (over p's grid rows/columns and q's grid rows/columns, zer
 raw Gram block X_i X_j^T, divided by norms of the cheap explicit box means. The r passes of a layer
 need one matrix product instead of len(r_list). ``MUSC_FAST_BOXGRAM=0`` switches the pipeline back to
 per-r passes, ``=1`` forces this path; the default ``auto`` uses it where it is measured to pay
-(``use_boxgram``).
+(``use_boxgram``). ``mutual_scores_multi`` follows the MSM gate (``ops.backend("msm")``): the torch
+blocks below, or the Triton kernels of ``kernels/boxgram.py`` when it says ``triton``; the pipeline
+sends a layer here with the ``triton`` backend only when ``MUSC_FAST_BOXGRAM=1`` (``gram_backend_ok``).
 """
 from __future__ import annotations
 
@@ -39,14 +41,26 @@ def boxgram_mode() -> str:
 def use_boxgram(device: torch.device | str, channels: int) -> bool:
     """Whether a layer of ``channels``-wide tokens is scored by the one-Gram path on ``device``.
 
-    ``auto`` uses it on the CPU for C >= ``MIN_CHANNELS_CPU``. On CUDA the unfused filters would read and
-    write every L x L block ~25 times at memory speed while a tensor-core matmul of the same block costs
-    about as much as one such pass, so ``auto`` keeps the per-r passes there (a fused kernel is future work).
+    ``auto`` uses it on the CPU for C >= ``MIN_CHANNELS_CPU``. On CUDA the unfused torch filters would read
+    and write every L x L block ~25 times at memory speed while a tensor-core matmul of the same block
+    costs about as much as one such pass, and the Triton one-Gram kernels (``kernels/boxgram.py``: ~2.6x
+    fewer seconds than per-r passes in fp32 by arithmetic, about break-even in bf16) have not been timed
+    on a GPU yet, so ``auto`` keeps the per-r passes there until a measurement says otherwise.
     """
     mode = boxgram_mode()
     if mode != "auto":
         return mode == "on"
     return torch.device(device).type == "cpu" and channels >= MIN_CHANNELS_CPU
+
+
+def gram_backend_ok(device: torch.device | str) -> bool:
+    """Whether the MSM backend for ``device`` has a one-Gram path the pipeline may take: the torch blocks
+    always; the Triton kernels only when ``MUSC_FAST_BOXGRAM=1`` forces the path (untimed on GPU); faiss
+    never (per-r passes)."""
+    from . import backend
+
+    which = backend("msm", device)
+    return which == "torch" or (which == "triton" and boxgram_mode() == "on")
 
 
 def _box_sum_along(x: torch.Tensor, dim: int, r: int, out: torch.Tensor) -> torch.Tensor:
@@ -100,10 +114,15 @@ def boxgram_tasks(n: int, length: int, block_elems: int = DEFAULT_BLOCK_ELEMS) -
     return [(i, j0, min(n, j0 + step)) for i in range(n - 1) for j0 in range(i + 1, n, step)]
 
 
+def box_inverse_norms(x32: torch.Tensor, r_list) -> torch.Tensor:
+    """[N, L, C] float32 -> [R, N, L] float32: 1 / ||B_r x(p)|| (B_r the box mean; norms floored at 1e-12)."""
+    return torch.stack([box_mean(x32, r).norm(dim=-1) for r in r_list]).clamp_min_(1e-12).reciprocal_()
+
+
 def boxgram_inputs(x: torch.Tensor, r_list, precision: str = "fp32"):
     """(features [N, L, C] in the matmul dtype, the same patch-major [L, N, C], 1/||B_r x|| [R, N, L])."""
     x32 = x.float()
-    inv_norms = torch.stack([box_mean(x32, r).norm(dim=-1) for r in r_list]).clamp_min_(1e-12).reciprocal_()
+    inv_norms = box_inverse_norms(x32, r_list)
     feats = x32.to(_matmul_dtype(x, precision))
     # Partners interleaved patch-major so that a product block comes out as [L, L * m] with the
     # partner index innermost: every box-filter shift is then a long contiguous add.
@@ -178,11 +197,23 @@ def mutual_scores_multi(x: torch.Tensor, r_list: tuple[int, ...] | list[int],
         x: [N, L, C] LayerNorm'd tokens (``layer_norm_chw``).
     Returns:
         [R, N, L] float64, equal to ``mutual_scores(lnamd(tokens, r))`` for each r (within fp32 rounding).
+
+    Backend: several ranks (torchrun) share the torch blocks (``distributed``); otherwise the MSM gate
+    picks the Triton kernels (``kernels.nearest_similarity_multi_triton`` + the interval-mean kernel) or
+    the torch blocks.
     """
     from .. import distributed  # several ranks share the blocks when launched by torchrun
+    from . import backend
 
     k_min, k_max = interval_bounds(x.shape[0] - 1, topmin, compat=compat)
-    nearest = (distributed.nearest_similarity_multi_distributed if distributed.world_size() > 1
-               else nearest_similarity_multi_torch)
-    sim = nearest(x, r_list, precision=precision, block_elems=block_elems)
+    if distributed.world_size() > 1:
+        sim = distributed.nearest_similarity_multi_distributed(x, r_list, precision=precision,
+                                                               block_elems=block_elems)
+    elif backend("msm", x.device, x.dtype) == "triton":
+        from ..kernels import interval_mean_triton, nearest_similarity_multi_triton
+
+        sim = nearest_similarity_multi_triton(x, r_list, precision=precision, block_elems=block_elems)
+        return torch.stack([interval_mean_triton(s, k_min, k_max) for s in sim])
+    else:
+        sim = nearest_similarity_multi_torch(x, r_list, precision=precision, block_elems=block_elems)
     return torch.stack([interval_mean_from_similarity(s, k_min, k_max) for s in sim])
