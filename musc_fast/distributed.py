@@ -50,7 +50,7 @@ from .ops.msm import (
     _matmul_dtype,
     block_workspace,
     fill_pair_block,
-    grid_side,
+    grid_of,
     interval_mean_from_similarity,
     nearest_similarity_rows,
     pair_tasks,
@@ -168,7 +168,7 @@ def nearest_similarity_distributed(z: torch.Tensor, *, precision: str = "fp32",
                                                      block_elems=block_elems, window=window)
     else:
         flat = z.to(_matmul_dtype(z, precision)).reshape(n * length, c)
-        bias = window_bias(grid_side(length), window, z.device) if window is not None else None
+        bias = window_bias(grid_of(length), window, z.device) if window is not None else None
         tasks = pair_tasks(n, length, block_elems)
         owners = shard_by_cost([(i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in tasks], world)
         work = block_workspace(tasks, length, z.device) if tasks else None

@@ -15,8 +15,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .data.folder import NORMAL_TYPES
+
 VIS_MODES = ("single_norm", "whole_norm", "overlay")
-NORMAL_FOLDERS = frozenset({"good", "normal", "ok"})  # the original skips these in single_norm
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -89,7 +90,7 @@ def maps_to_draw(mode: str, defect_types: list[str], labels: list[int]) -> list[
     if mode != "single_norm":
         return list(range(len(labels)))
     return [i for i, (d, y) in enumerate(zip(defect_types, labels))
-            if y != 0 and d.lower() not in NORMAL_FOLDERS]
+            if y != 0 and d.lower() not in NORMAL_TYPES]  # the original skips these folders
 
 
 def render(mode: str, maps: np.ndarray, index: int, image_path: Path, mask: np.ndarray | None,

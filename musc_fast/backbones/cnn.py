@@ -44,8 +44,6 @@ from .weights import StateDict, load_weights
 
 TIMM_ARCH = "tf_efficientnet_lite0"
 GRID_STRIDE = 16
-STAGE_STRIDES = (2, 4, 8, 16, 16, 32, 32)
-STAGE_CHANNELS = (16, 24, 40, 80, 112, 192, 320)
 
 
 def package_weights_path() -> str:

@@ -158,6 +158,12 @@ class LoadedImages:
     failures: dict[int, str]
 
 
+def _check_interpolation(pp: Preprocess) -> None:
+    # Bad arguments fail here, not as per-file read errors inside the workers.
+    if pp.interpolation not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {pp.interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+
+
 def iter_image_batches(
     paths: Sequence[str | Path],
     size: int,
@@ -168,9 +174,7 @@ def iter_image_batches(
     progress: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Preprocessed images in file order, ``batch_size`` at a time: ``[B, 3, S, S]`` float32."""
-    # Bad arguments fail here, not as per-file read errors inside the workers.
-    if pp.interpolation not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {pp.interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+    _check_interpolation(pp)
     for pixels, _, failures in _iter_loader(
             paths, _DecodeImage(size, pp), _CollateImages(size), batch_size=batch_size,
             num_workers=num_workers, progress=progress, desc="images"):
@@ -213,8 +217,7 @@ def load_images_checked(
     Returns:
         ``LoadedImages`` with pixels [N, 3, S, S], sizes [N, 2] (width, height), failures {index: message}.
     """
-    if pp.interpolation not in INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {pp.interpolation!r}; valid: {', '.join(INTERPOLATIONS)}")
+    _check_interpolation(pp)
     if len(paths) == 0:
         return LoadedImages(torch.empty(0, 3, size, size), torch.empty(0, 2, dtype=torch.int64), {})
     pixels, sizes, failures = [], [], {}

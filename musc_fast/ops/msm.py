@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .interval import interval_bounds
+from .lnamd import grid_of
 
 # Largest product block [L, n*L] formed at once (float32 elements): 2**24 = 64 MiB.
 DEFAULT_BLOCK_ELEMS = 1 << 24
@@ -47,7 +48,7 @@ def nearest_similarity_torch(z: torch.Tensor, *, precision: str = "fp32",
     n, length, c = z.shape
     flat = z.to(_matmul_dtype(z, precision)).reshape(n * length, c)
     sim = torch.empty((n, length, n), dtype=torch.float32, device=z.device)
-    bias = window_bias(grid_side(length), window, z.device) if window is not None else None
+    bias = window_bias(grid_of(length), window, z.device) if window is not None else None
     tasks = pair_tasks(n, length, block_elems)
     work = block_workspace(tasks, length, z.device) if tasks else None
     for task in tasks:
@@ -106,13 +107,6 @@ def mutual_scores_torch(z: torch.Tensor, topmin: tuple[float, float] = (0.0, 0.3
 # ---- production: block schedule, cross-set similarity, aligned-parts window --------------------------
 # (musc_fast.memory streams with these, musc_fast.distributed shards ``pair_tasks``, musc_fast.bank
 # scores new images against stored ones with ``cross_similarity_torch``.)
-
-
-def grid_side(length: int) -> int:
-    """G for L = G * G patches (a non-square L is an error)."""
-    from .lnamd import grid_of
-
-    return grid_of(length)
 
 
 def pair_tasks(n: int, length: int,
@@ -187,7 +181,7 @@ def window_bias(g: int, window: int, device: torch.device | str = "cpu") -> torc
 def use_window_shifts(window: int, length: int) -> bool:
     """Shifted elementwise products beat a masked full product when the window holds few patches:
     (2w+1)^2 products per patch instead of L (the shifts run at a lower FLOP rate, hence the margin)."""
-    w = min(window, grid_side(length) - 1)
+    w = min(window, grid_of(length) - 1)
     return 4 * (2 * w + 1) ** 2 <= length
 
 
@@ -197,7 +191,7 @@ def _window_shift_similarity(zq: torch.Tensor, zr: torch.Tensor, window: int, dt
     grid position. Returns [b, L, m] float32 (max over the window of <zq[p], zr[p + offset]>)."""
     b, length, c = zq.shape
     m = zr.shape[0]
-    g = grid_side(length)
+    g = grid_of(length)
     w = min(window, g - 1)
     q = zq.to(dtype).view(b, g, g, c)
     out = torch.empty((b, length, m), dtype=torch.float32, device=zq.device)
@@ -236,7 +230,7 @@ def cross_similarity_torch(zq: torch.Tensor, zr: torch.Tensor, *, precision: str
     dtype = _matmul_dtype(zq, precision)
     if window is not None and use_window_shifts(window, length):
         return _window_shift_similarity(zq, zr, window, dtype, block_elems)
-    bias = window_bias(grid_side(length), window, zq.device) if window is not None else None
+    bias = window_bias(grid_of(length), window, zq.device) if window is not None else None
     q = zq.to(dtype).reshape(b * length, c)
     r = zr.to(dtype).reshape(m * length, c)
     out = torch.empty((b, length, m), dtype=torch.float32, device=zq.device)
