@@ -47,9 +47,11 @@ ROWS = {
     "triton_fp32": {"MUSC_FAST_MSM": "triton", "MUSC_FAST_LNAMD": "triton", "MUSC_FAST_BOXGRAM": "0"},
     "triton_bf16": {"MUSC_FAST_MSM": "triton", "MUSC_FAST_LNAMD": "triton", "MUSC_FAST_BOXGRAM": "0"},
     "one_gram_bf16": {"MUSC_FAST_MSM": "torch", "MUSC_FAST_LNAMD": "torch", "MUSC_FAST_BOXGRAM": "1"},
+    "triton_fp16": {"MUSC_FAST_MSM": "triton", "MUSC_FAST_LNAMD": "triton", "MUSC_FAST_BOXGRAM": "0"},
 }
 BF16_ROWS = {"triton_bf16", "one_gram_bf16"}
-GPU_ROWS = {"triton_fp32", "triton_bf16", "one_gram_bf16"}
+FP16_ROWS = {"triton_fp16"}
+GPU_ROWS = {"triton_fp32", "triton_bf16", "one_gram_bf16", "triton_fp16"}
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_bottle" / "bottle" / "test"
 
 
@@ -85,7 +87,8 @@ def run_row(args: argparse.Namespace) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     config = MuScConfig(backbone=args.backbone, pretrained=args.pretrained, image_size=args.image_size,
                         layers=tuple(args.layers), r_list=tuple(args.r_list), batch_size=args.batch_size,
-                        device=str(device), msm_precision="bf16" if args.row in BF16_ROWS else "fp32")
+                        device=str(device),
+                        msm_precision="bf16" if args.row in BF16_ROWS else "fp16" if args.row in FP16_ROWS else "fp32")
     model = MuSc(config, num_workers=0)
     paths, _ = pick_images(Path(args.images) if args.images else None, args.n)
     if paths:
@@ -101,11 +104,19 @@ def run_row(args: argparse.Namespace) -> dict:
     with timer.stage("backbone"):
         tokens, cls = model.extract(pixels, progress=False)
     if args.row == "original":
-        from bench.original_style import patch_scores_original
+        from bench.original_style import lnamd_original, msm_original
 
-        with timer.stage("lnamd+msm"):
-            cpu_tokens = [t.cpu() for t in tokens]  # the original keeps tapped tokens on the CPU
-            patch = patch_scores_original(cpu_tokens, args.r_list, device)
+        cpu_tokens = [t.cpu() for t in tokens]  # the original keeps tapped tokens on the CPU
+        per_r = []
+        for r in args.r_list:  # patch_scores_original, with LNAMD and MSM timed apart
+            maps_r = []
+            for t in cpu_tokens:
+                with timer.stage("lnamd"):
+                    z = lnamd_original(t, r)
+                with timer.stage("msm"):
+                    maps_r.append(msm_original(z, device))
+            per_r.append(torch.stack(maps_r).mean(0))
+        patch = torch.stack(per_r).mean(0)
         g = int(round(patch.shape[1] ** 0.5))
         with timer.stage("maps"):
             maps, raw = maps_and_image_scores(patch.view(-1, g, g).to(device), args.image_size)
@@ -119,20 +130,36 @@ def run_row(args: argparse.Namespace) -> dict:
     total = time.perf_counter() - start
     n, length, c = tokens[0].shape
     ms = {k: v / n for k, v in timer.ms.items()}
-    msm_ms = ms.get("msm", 0.0) + ms.get("lnamd+msm", 0.0)
+    msm_ms = ms.get("msm", 0.0) + ms.get("lnamd+msm", 0.0) + (ms.get("lnamd", 0.0) if args.row == "original" else 0)
     flops = msm_flops(args.row, n, length, c, len(args.layers), len(args.r_list))
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     np.savez(args.scores_out, patch=patch_np, raw=np.asarray(raw), final=np.asarray(final))
-    return {
+    row = {
         "row": args.row, "n": n, "L": length, "C": c, "backbone": args.backbone, "image_size": args.image_size,
         "device": str(device), "ms_per_image": 1e3 * total / n,
         **{f"ms_{k}": round(v, 3) for k, v in ms.items()},
         "msm_tflop": flops / 1e12, "msm_tflops_per_s": flops / 1e12 / max(msm_ms * n / 1e3, 1e-9),
         "peak_mb": round(peak_mb, 1), "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
     }
+    if args.row == "original" and args.extrapolate_to and args.extrapolate_to != n:
+        row = extrapolate_original(row, n, args.extrapolate_to)
+    return row
+
+
+def extrapolate_original(row: dict, n_measured: int, n_target: int) -> dict:
+    """The original-style row measured at a small N, scaled to ``n_target`` images. Per image, the
+    backbone, LNAMD, maps and RsCIN cost the same at any N; the per-query cdist MSM costs (N-1) times the
+    per-pair work. So ms_msm per image scales by (N_target - 1) / (N_measured - 1). Labelled as such."""
+    scale = (n_target - 1) / (n_measured - 1)
+    out = dict(row, row="original_extrapolated", n=n_target, n_measured=n_measured,
+               note=f"measured at N={n_measured}; ms_msm x (N-1)/({n_measured}-1), other stages per image as measured")
+    out["ms_msm"] = round(row.get("ms_msm", 0.0) * scale, 3)
+    out["ms_per_image"] = row["ms_per_image"] + row.get("ms_msm", 0.0) * (scale - 1)
+    out["msm_tflop"] = row["msm_tflop"] * scale * n_target / n_measured
+    return out
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -158,8 +185,12 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="N=8 at 112 px: a smoke run")
     ap.add_argument("--out", default=None, help="CSV (default bench/results/bench_e2e_<device>.csv)")
+    ap.add_argument("--original-n", type=int, default=0,
+                    help="measure the original-style row at this many images and extrapolate it to --n (labelled)")
+    ap.add_argument("--dry-run", action="store_true", help="check the arguments, rows and backbone name only")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
     ap.add_argument("--scores-out", help=argparse.SUPPRESS)
+    ap.add_argument("--extrapolate-to", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.n, args.image_size = 8, 112
@@ -169,36 +200,48 @@ def main() -> None:
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     rows = args.rows or [r for r in ROWS if cuda or r not in GPU_ROWS]
+    device = "cuda" if cuda else "cpu"
+    out_csv = Path(args.out) if args.out else Path(__file__).parent / "results" / f"bench_e2e_{device}.csv"
+    if args.dry_run:
+        from musc_fast import backbones
+
+        bad = [r for r in rows if r not in ROWS]
+        if bad or args.backbone not in backbones.available():
+            ap.error(f"unknown rows {bad} or backbone {args.backbone!r}")
+        print(f"dry run ok: rows {rows}, {args.backbone} at {args.image_size} px, N={args.n}, out {out_csv}")
+        return
     _, labels = pick_images(Path(args.images) if args.images else None, args.n)
-    results, scores = [], {}
+    results, scores, base_ms = [], {}, None
     with tempfile.TemporaryDirectory() as tmp:
         for row in rows:
             out = Path(tmp) / f"{row}.npz"
+            n_row = args.original_n if row == "original" and args.original_n else args.n
             cmd = [sys.executable, __file__, "--row", row, "--scores-out", str(out), "--backbone", args.backbone,
                    "--pretrained", str(args.pretrained),
-                   "--image-size", str(args.image_size), "--n", str(args.n), "--batch-size", str(args.batch_size),
+                   "--image-size", str(args.image_size), "--n", str(n_row), "--batch-size", str(args.batch_size),
                    "--images", args.images, "--device", args.device, "--layers", *map(str, args.layers),
-                   "--r-list", *map(str, args.r_list)]
+                   "--r-list", *map(str, args.r_list), "--extrapolate-to", str(args.n)]
             proc = subprocess.run(cmd, env={**os.environ, **ROWS[row]}, capture_output=True, text=True)
             if proc.returncode != 0:
-                print(f"{row}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+                print(f"{row}: failed\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
                 continue
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            scores[row] = dict(np.load(out))
-    base = scores.get("original")
-    base_ms = next((r["ms_per_image"] for r in results if r["row"] == "original"), None)
-    for r in results:
-        s = scores[r["row"]]
-        r["speedup_vs_original"] = round(base_ms / r["ms_per_image"], 2) if base_ms else None
-        if base is not None:
-            r["max_abs_patch_diff"] = float(np.abs(s["patch"] - base["patch"]).max())
-            r["max_abs_image_diff"] = float(np.abs(s["final"] - base["final"]).max())
-        r["image_auroc"] = _auroc(labels, s["final"])
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            s = dict(np.load(out))
+            if row == "original":
+                base_ms = r["ms_per_image"]
+                if n_row == args.n:
+                    scores["original"] = s
+            base = scores.get("original")
+            r["speedup_vs_original"] = round(base_ms / r["ms_per_image"], 2) if base_ms else None
+            if base is not None and row != "original":
+                r["max_abs_patch_diff"] = float(np.abs(s["patch"] - base["patch"]).max())
+                r["max_abs_image_diff"] = float(np.abs(s["final"] - base["final"]).max())
+            r["image_auroc"] = _auroc(labels, s["final"]) if n_row == args.n else None
+            results.append(r)
+            write_rows([r], out_csv)  # each row the moment it finishes
+            print(json.dumps(r), flush=True)
     columns = list(dict.fromkeys(k for r in results for k in r))  # union of keys, first-seen order
     print_table(results, columns)
-    device = "cuda" if cuda else "cpu"
-    out_csv = Path(args.out) if args.out else Path(__file__).parent / "results" / f"bench_e2e_{device}.csv"
-    write_rows(results, out_csv)
     print(f"\nwrote {out_csv}; machine: {env_info().get('cpu', '')}")
 
 

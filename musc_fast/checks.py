@@ -74,9 +74,18 @@ def check_finite_tokens(layer_tokens: Sequence[torch.Tensor], cls_tokens: torch.
         order = sorted(bad)
         raise NonFiniteError(
             f"non-finite backbone features (NaN/Inf in {', '.join(where)}) for {len(order)} image(s) at positions "
-            f"{_names(order)}: they would make every score NaN (fp16 overflow? try --precision fp32, or check "
-            "the weights)",
+            f"{_names(order)}: they would make every score NaN ({_token_hint(layer_tokens)})",
             order)
+
+
+def _token_hint(layer_tokens: Sequence[torch.Tensor]) -> str:
+    # Only half-precision features can overflow at image values; fp32 NaN come from the input or the weights.
+    dtype = layer_tokens[0].dtype if len(layer_tokens) else None
+    if dtype in (torch.float16, torch.bfloat16):
+        return (f"the features are {str(dtype).replace('torch.', '')}: an overflow? try --precision fp32; "
+                "else check the input images for NaN/Inf pixels and the weights")
+    return (f"the features are {str(dtype).replace('torch.', '')}, so not a half-precision overflow: check the "
+            "input images for NaN/Inf pixels and the weights")
 
 
 def check_finite_scores(scores: np.ndarray | torch.Tensor, what: str, *, compat: bool, hint: str = "") -> None:

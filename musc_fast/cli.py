@@ -1,8 +1,13 @@
-"""``musc-fast``: run | demo | env | bench (and bank / score when available).
+"""``musc-fast``: run | demo | env | bench | tune (and bank / score when available).
 
 Settings come from, in increasing priority: the preset of the chosen backbone (or "paper"), a YAML
 ``--config`` whose keys are the long flag names with underscores, and the command line.
-Errors in the input are one line on stderr with exit code 2; ``--debug`` shows tracebacks.
+Errors in the input are one line on stderr with exit code 2; ``--debug`` shows tracebacks. Every
+setting is checked before any work (docs/reliability.md, "Settings: validated before any work"): each
+YAML value against the type of its field (``MuScConfig``, ``RunOptions``), the device against this
+machine, ``--out`` for being a writable folder; when the backbone is built (after the categories are
+listed) and its weights would be downloaded, whether the hub can be reached (a 2 s probe) or the
+weights are cached (``backbones.weights.check_download_possible``).
 """
 from __future__ import annotations
 
@@ -12,50 +17,38 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import COMPILE_MODES, PRESETS, MuScConfig, rscin_k_for
+from .config import (
+    PRESETS,
+    MuScConfig,
+    add_config_arguments,
+    check_device_available,
+    check_output_dir,
+    check_type,
+    config_fields,
+    given_config_settings,
+    none_tag,
+    preset_for_backbone,
+    read_settings_yaml,
+    rscin_k_for,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-# Keys a YAML --config may hold for `run`, and which of them are MuScConfig fields.
+# Keys a YAML --config may hold for `run`: the run's own, and the MuScConfig fields (their flags and keys
+# are made from the table next to the dataclass, ``config.add_config_arguments``).
 RUN_KEYS = ("dataset", "data_path", "category", "out", "vis", "save_xlsx", "num_workers", "preset", "strict",
             "resume")
-CONFIG_KEYS = ("backbone", "pretrained", "weights", "image_size", "layers", "r_list", "topmin", "rscin_k",
-               "batch_size", "divide_num", "device", "precision", "msm_precision", "compat", "quick_gelu",
-               "compile")
+CONFIG_KEYS = tuple(name for name, _ in config_fields("run"))
 
 
 class CliError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
-def _tag(value: str) -> str | None:
-    return None if value.lower() in ("none", "null", "random") else value
-
-
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--preset", help=f"start from a preset: {', '.join(PRESETS)}")
-    g.add_argument("--backbone", help="backbone name (musc-fast env lists them)")
-    g.add_argument("--pretrained", type=_tag, default=argparse.SUPPRESS,  # absent unless given: 'none' -> None
-                   help="weights tag for the normal download path; 'none' = random")
-    g.add_argument("--weights", help="a local weights file (.pt/.pth/.safetensors), for air-gapped machines")
-    g.add_argument("--image-size", type=int, help="input side S (the maps are S x S)")
-    g.add_argument("--layers", type=int, nargs="+", help="0-based blocks to tap")
-    g.add_argument("--r-list", type=int, nargs="+", help="LNAMD aggregation degrees (odd)")
-    g.add_argument("--topmin", type=float, nargs=2, metavar=("MIN", "MAX"),
-                   help="interval of the sorted per-image distances to average (default 0 0.3)")
-    g.add_argument("--rscin-k", type=int, nargs="+", help="RsCIN windows (default per data set; 0 = off)")
-    g.add_argument("--batch-size", type=int, help="images per backbone forward")
-    g.add_argument("--divide-num", type=int, help="score in this many stratified subsets (SPEC 7.4)")
-    g.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], help="backbone dtype")
-    g.add_argument("--msm-precision", choices=["fp32", "bf16", "fp16"], help="mutual-scoring matmul dtype")
-    g.add_argument("--compile", choices=list(COMPILE_MODES),
-                   help="torch.compile the backbone (compile time reported apart; pays on large sets)")
-    g.add_argument("--compat", action="store_true", default=None,
-                   help="reproduce the original's edge cases (NaN for N<=4, 0 for missing metrics)")
-    g.add_argument("--quick-gelu", type=lambda s: s.lower() in ("1", "true", "yes"), metavar="BOOL",
-                   help="force the CLIP activation (default: the original's quirk)")
+    add_config_arguments(g, "run")  # one flag per MuScConfig field; absent unless given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,62 +84,70 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs="*", help="arguments for bench/bench_e2e.py (see its --help)")
 
     try:
+        from .cli_tune import add_tune_command
+    except ImportError:  # no torch (a deploy-only install runs `musc-fast predict`): no tune command
+        pass
+    else:
+        add_tune_command(sub)
+
+    try:
         from .cli_bank import add_bank_commands
     except ImportError:  # the bank commands ship with the production module
         pass
     else:
         add_bank_commands(sub)
+    from .cli_export import add_export_commands  # export, predict (docs/deploy.md)
+
+    add_export_commands(sub)
     return parser
 
 
-def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(f"{p}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise CliError(f"{p}: not valid YAML ({' '.join(str(exc).split())})") from exc
-    if not isinstance(data, dict):
-        raise CliError(f"{p}: expected a mapping of settings at the top level")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(data) - set(RUN_KEYS) - set(CONFIG_KEYS))
-    if unknown:
-        raise CliError(f"{p}: unknown keys {', '.join(unknown)}; valid: {', '.join(RUN_KEYS + CONFIG_KEYS)}")
-    return data
-
-
 def merged_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """YAML settings overridden by the flags that were given."""
-    settings = _load_yaml(args.config) if getattr(args, "config", None) else {}
+    """YAML settings overridden by the flags that were given (a MuScConfig flag that was given is an
+    attribute of ``args``, even when its value is None: ``--pretrained none``)."""
+    settings = read_settings_yaml(args.config, RUN_KEYS + CONFIG_KEYS, "run") if getattr(args, "config", None) else {}
     if isinstance(settings.get("pretrained"), str):
-        settings["pretrained"] = _tag(settings["pretrained"])
-    for key in RUN_KEYS + CONFIG_KEYS:
-        if key == "pretrained" and hasattr(args, key):  # None here means "none" was asked for
-            settings[key] = args.pretrained
-            continue
+        settings["pretrained"] = none_tag(settings["pretrained"])
+    for key in RUN_KEYS:
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
+    settings.update(given_config_settings(args, "run"))
     return settings
 
 
+def check_run_settings(settings: dict[str, Any]) -> None:
+    """Check the type of every run-level setting (a YAML ``save_xlsx: 'false'`` is a string, not a bool),
+    against ``RunOptions``' field types where the names match."""
+    import typing
+
+    from .runner import RunOptions
+
+    hints = typing.get_type_hints(RunOptions)
+    hints.update(category=str | list[str], preset=str)
+    for key in RUN_KEYS:
+        if key in settings and key in hints:
+            check_type(key, settings[key], hints[key])
+
+
 def config_from_settings(settings: dict[str, Any]) -> MuScConfig:
-    """The MuScConfig: base preset (explicit, or the backbone's own, or "paper") + overrides."""
+    """The MuScConfig: base preset (explicit, or the backbone's own, or "paper") + overrides.
+    Raises ValueError/CliError (one line) for a value of the wrong type or out of range, or a device
+    this machine does not have."""
     preset = settings.get("preset")
-    backbone = settings.get("backbone")
+    if preset is not None and preset not in PRESETS:
+        raise CliError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS)}")
     if preset is None:
-        matching = [n for n, c in PRESETS.items() if n != "paper" and c.backbone == backbone]
-        preset = matching[0] if matching else "paper"
+        preset = preset_for_backbone(settings.get("backbone"))
     overrides = {k: settings[k] for k in CONFIG_KEYS if k in settings}
+    if overrides.get("mask_threshold") == "original":  # the YAML spelling of the original's rule
+        overrides["mask_threshold"] = None
     if "rscin_k" not in overrides and settings.get("dataset"):
         overrides["rscin_k"] = rscin_k_for(settings["dataset"])
-    try:
-        return MuScConfig.preset(preset, **overrides)
-    except TypeError as exc:
-        raise CliError(str(exc)) from exc
+    config = MuScConfig.preset(preset, **overrides)  # ValueError: one line, exit 2
+    check_device_available(config.device)
+    return config
+
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -156,19 +157,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key in ("dataset", "data_path"):
         if not settings.get(key):
             raise CliError(f"--{key.replace('_', '-')} is required (on the command line or in --config)")
+    check_run_settings(settings)
     config = config_from_settings(settings)
     categories = settings.get("category") or ["all"]
     if isinstance(categories, str):
         categories = [categories]
     data_path = Path(settings["data_path"])
-    if settings["dataset"] == "synthetic" and not data_path.exists():
-        print(f"generating the synthetic data set in {data_path}")
-        _generate_synthetic_atomic(data_path)
     opts = RunOptions(
         dataset=settings["dataset"], data_path=str(data_path), categories=[str(c) for c in categories],
         out=settings.get("out") or "output", vis=settings.get("vis"), save_xlsx=bool(settings.get("save_xlsx")),
         num_workers=settings.get("num_workers"), progress=not args.no_progress, debug=args.debug,
         strict=bool(settings.get("strict")), resume=bool(settings.get("resume")))
+    check_output_dir(opts.out, "--out")
+    if settings["dataset"] == "synthetic" and not data_path.exists():
+        print(f"generating the synthetic data set in {data_path}")
+        _generate_synthetic_atomic(data_path)
     from . import distributed
 
     distributed.init_from_env()  # no-op unless launched by torchrun
@@ -216,7 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not data.exists():
         print(f"generating the synthetic data set in {data}")
         _generate_synthetic_atomic(data)
-    config = MuScConfig.preset("offline", device=args.device)
+    config = MuScConfig.preset("offline", device=args.device, runtime="auto")
     opts = RunOptions(dataset="synthetic", data_path=str(data), out=str(out / "results"), vis="overlay",
                       progress=not args.no_progress)
     return _report(run(config, opts))
@@ -243,19 +246,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "demo": cmd_demo, "env": cmd_env, "bench": cmd_bench}
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .cli_tune import run_tune
+
+    return run_tune(args)
+
+
+COMMANDS = {"run": cmd_run, "demo": cmd_demo, "env": cmd_env, "bench": cmd_bench, "tune": cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    from . import original_cli  # the original MuSc script's flags / YAML sections: translated to `run`
+
+    if original_cli.looks_original(argv):
+        return original_cli.main(argv)
     command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if command is not None and argv[command] == "bench":  # everything after `bench` is bench_e2e.py's
         args = parser.parse_args(argv[:command + 1])
         args.bench_args = argv[command + 1:]
     else:
         args = parser.parse_args(argv)
-    handler = COMMANDS.get(args.command)
+    handler = COMMANDS.get(args.command) or getattr(args, "_handler", None)
     if handler is None:
         from .cli_bank import run_bank_command
 

@@ -9,6 +9,9 @@ Launch any entry point under torchrun, e.g.::
 ``init_from_env()`` joins the process group that torchrun describes (NCCL when CUDA is available,
 gloo on CPU); without ``WORLD_SIZE`` it does nothing and everything runs in one process.
 
+This module holds the collectives and the ownership rules only; the MSM passes that use them are
+planned and run by ``musc_fast.engine`` (tasks filtered by owner, then one merge).
+
 Design (results are bit-for-bit those of one process running the torch path):
 
 * **Backbone**: the images are cut into the same ``batch_size`` batches as in one process; rank k
@@ -30,9 +33,9 @@ Design (results are bit-for-bit those of one process running the torch path):
   minimum over ranks (``min_over_ranks``) before planning.
 * **Outputs**: every rank computes the same ``Result``; only ``is_main_process()`` should write files.
 
-On GPU the single-process path may use the Triton kernel (``MUSC_FAST_MSM=auto``), whose last bits can
-differ from the torch blocks used here; compare with ``MUSC_FAST_MSM=torch``. On CPU, matmul results
-can depend on the thread count, so compare runs with equal threads per process.
+The engine runs the same provider on every rank (the Triton kernel takes one rank's pairs as its work
+list), so sharded and single-process runs agree bit for bit per provider. On CPU, matmul results can
+depend on the thread count, so compare runs with equal threads per process.
 """
 from __future__ import annotations
 
@@ -42,21 +45,6 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-
-from .memory import SHIFT_ROWS, MemoryPlan, mutual_scores_rows, row_groups
-from .ops.interval import interval_bounds
-from .ops.msm import (
-    DEFAULT_BLOCK_ELEMS,
-    _matmul_dtype,
-    block_workspace,
-    fill_pair_block,
-    grid_of,
-    interval_mean_from_similarity,
-    nearest_similarity_rows,
-    pair_tasks,
-    use_window_shifts,
-    window_bias,
-)
 
 
 # --- process group ---------------------------------------------------------------------------------
@@ -147,80 +135,28 @@ def shard_by_cost(costs: Sequence[int], world: int) -> list[int]:
     return owner
 
 
-def nearest_similarity_distributed(z: torch.Tensor, *, precision: str = "fp32",
-                                   block_elems: int = DEFAULT_BLOCK_ELEMS,
-                                   window: int | None = None) -> torch.Tensor:
-    """``nearest_similarity_torch(z)`` (or its aligned-window form) computed by all ranks together.
+def owners_by_cost(costs: Sequence[int]) -> list[bool]:
+    """For each task, whether this rank owns it (``shard_by_cost`` over the current ranks)."""
+    me = rank()
+    return [o == me for o in shard_by_cost(costs, world_size())]
 
-    Args:
-        z: [N, L, C] unit rows, the same on every rank.
-    Returns:
-        sim [N, L, N] float32 on every rank, -inf on the self entries.
-    """
-    n, length, c = z.shape
+
+def owners_round_robin(n_items: int) -> list[bool]:
+    """For each of ``n_items`` equal tasks (row groups), whether this rank owns it: items rank, rank + K, ..."""
     world, me = world_size(), rank()
-    sim = torch.full((n, length, n), float("-inf"), dtype=torch.float32, device=z.device)
-    if window is not None and use_window_shifts(window, length):
-        groups = row_groups(n, SHIFT_ROWS)
-        for g, (i0, i1) in enumerate(groups):
-            if g % world == me:
-                sim[i0:i1] = nearest_similarity_rows(z, i0, i1, precision=precision,
-                                                     block_elems=block_elems, window=window)
-    else:
-        flat = z.to(_matmul_dtype(z, precision)).reshape(n * length, c)
-        bias = window_bias(grid_of(length), window, z.device) if window is not None else None
-        tasks = pair_tasks(n, length, block_elems)
-        owners = shard_by_cost([(i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in tasks], world)
-        work = block_workspace(tasks, length, z.device) if tasks else None
-        for task, owner in zip(tasks, owners):
-            if owner == me:
-                fill_pair_block(flat, sim, task, length, bias, work)
-    if world > 1:
-        sim = _all_reduce(sim, dist.ReduceOp.MAX)
-    sim.diagonal(dim1=0, dim2=2).fill_(float("-inf"))
-    return sim
+    return [k % world == me for k in range(n_items)]
 
 
-def nearest_similarity_multi_distributed(x: torch.Tensor, r_list, *, precision: str = "fp32",
-                                         block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
-    """``ops.boxgram.nearest_similarity_multi_torch`` (every r from one Gram block) computed by all ranks
-    together: the blocks are dealt by cost and one ``all_reduce(MAX)`` merges the [R, N, L, N] tables.
-
-    Args:
-        x: [N, L, C] LayerNorm'd tokens, the same on every rank.
-    """
-    from .ops.boxgram import boxgram_inputs, boxgram_tasks, boxgram_workspace, fill_boxgram_block
-    from .ops.lnamd import grid_of
-
-    n, length, _ = x.shape
-    feats, by_patch, inv_norms = boxgram_inputs(x, r_list, precision)
-    sim = torch.full((len(r_list), n, length, n), float("-inf"), dtype=torch.float32, device=x.device)
-    tasks = boxgram_tasks(n, length, block_elems)
-    owners = shard_by_cost([j1 - j0 for _, j0, j1 in tasks], world_size())
-    work = boxgram_workspace(tasks, length, x.device) if tasks else None
-    for task, owner in zip(tasks, owners):
-        if owner == rank():
-            fill_boxgram_block(feats, by_patch, inv_norms, sim, task, grid_of(length), r_list, work)
-    return _all_reduce(sim, dist.ReduceOp.MAX) if world_size() > 1 else sim
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over the ranks (the merge of tables whose entries are each written by one rank,
+    the others holding -inf: exact). Returns ``t`` itself when running alone."""
+    return _all_reduce(t, dist.ReduceOp.MAX) if world_size() > 1 else t
 
 
-def mutual_scores_distributed(z: torch.Tensor, topmin: tuple[float, float] = (0.0, 0.3), *,
-                              compat: bool = False, precision: str = "fp32",
-                              plan: MemoryPlan | None = None, window: int | None = None) -> torch.Tensor:
-    """One MSM pass sharded over the ranks; [N, L] float64, identical on every rank."""
-    plan = plan or MemoryPlan()
-    n, length, _ = z.shape
-    k_min, k_max = interval_bounds(n - 1, topmin, compat=compat)
-    if plan.stream_rows is None:
-        sim = nearest_similarity_distributed(z, precision=precision, block_elems=plan.block_elems,
-                                             window=window)
-        return interval_mean_from_similarity(sim, k_min, k_max, rows_per_chunk=plan.rows_per_chunk)
-    out = torch.zeros((n, length), dtype=torch.float64, device=z.device)
-    for g, (i0, i1) in enumerate(row_groups(n, plan.stream_rows)):
-        if g % world_size() == rank():
-            out[i0:i1] = mutual_scores_rows(z, i0, i1, k_min, k_max, precision=precision, plan=plan,
-                                            window=window)
-    return _all_reduce(out, dist.ReduceOp.SUM) if world_size() > 1 else out
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise sum over the ranks (the merge of score rows each written by one rank, zeros elsewhere:
+    x + 0 = x exactly). Returns ``t`` itself when running alone."""
+    return _all_reduce(t, dist.ReduceOp.SUM) if world_size() > 1 else t
 
 
 # --- backbone sharding -----------------------------------------------------------------------------

@@ -39,6 +39,7 @@ def env_report() -> str:
             lines.append(f"{op} backend on {device}: {ops.backend(op, device)}")
         except (RuntimeError, ValueError) as exc:
             lines.append(f"{op} backend on {device}: error: {exc}")
+    lines += engine_plan_lines(device)
     from .backbones.attention import attention_backend
 
     lines.append(f"attention on {device}: {attention_backend(device)}")
@@ -50,3 +51,27 @@ def env_report() -> str:
     lines.append("env switches: " + (", ".join(f"{k}={v}" for k, v in sorted(switches.items())) or "none set"))
     lines.append("backbones: " + ", ".join(backbones()))
     return "\n".join(lines)
+
+
+def engine_plan_lines(device: str) -> list[str]:
+    """What the engine's planner would choose here for the MSM passes of a paper-sized set (N=200,
+    ViT-L at 518 px: L=1369, C=1024), per precision and mode (``engine.plan_pass``)."""
+    from . import engine
+    from .memory import MemoryPlan
+
+    lines = []
+    shape = dict(n=200, length=1369, device=device)
+    for precision in ("fp32", "bf16"):
+        for label, kw in (("full", {}), ("streaming", {"memory": MemoryPlan(stream_rows=16)}),
+                          ("aligned window 2", {"window": 2})):
+            try:
+                pp = engine.plan_pass("msm", precision=precision, **shape, **kw)
+                lines.append(f"plan msm {label} {precision} on {device}: {pp.describe()}")
+            except (RuntimeError, ValueError) as exc:
+                lines.append(f"plan msm {label} {precision} on {device}: error: {exc}")
+    try:
+        ok, why = engine.use_onegram(200, 1369, 1024, (1, 3, 5), device=device, window=None, memory=MemoryPlan())
+        lines.append(f"plan one-Gram (C=1024) on {device}: {'yes' if ok else 'no'} ({why})")
+    except (RuntimeError, ValueError) as exc:
+        lines.append(f"plan one-Gram on {device}: error: {exc}")
+    return lines

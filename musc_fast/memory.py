@@ -1,4 +1,5 @@
-"""Memory-bounded scoring: chunk sizes chosen from free memory, and the MSM pass that honours them.
+"""Memory-bounded scoring: chunk sizes chosen from free memory (this module only plans; the MSM passes
+that honour the plans are run by ``musc_fast.engine``).
 
 The big buffer of one (r, layer) MSM pass is the nearest-similarity table ``sim [N, L, N]`` float32
 (N = 1000, L = 1369: 5.5 GB). Two ways to fill it, picked per run by ``plan_scoring``:
@@ -43,7 +44,7 @@ so CPU runs rely on the plan fitting ``available_bytes`` up front.
   tokens, 4 layers, r = 1, 3, 5): tokens 11.2 GB, z 5.6 GB, sim 5.5 GB, fixed 0.9 GB.
   All r at once: 11.2 + max(33.6, 23.2) = 44.9 GB (the plan on an 80 GB or 141 GB card: full table,
   no streaming); one r at a time: 33.6 GB; LNAMD in chunks of 64: 23.2 GB; plus streaming 100 rows:
-  18.3 GB. The GPU path may use the Triton LNAMD/MSM kernels when the plan is the default one; their
+  18.3 GB. On the GPU the Triton LNAMD/MSM kernels may run under any plan (``musc_fast.engine``); their
   temporaries are not in this model.
 * CPU, N = 500, ViT-B-16 at 224 px (L = 196, C = 768, fp32 tokens, 4 layers, r = 1, 3, 5): tokens
   1.2 GB, z 0.30 GB, sim 0.20 GB: 1.2 + max(1.8, 1.3) = 3.0 GB, plus the interpreter and torch
@@ -59,19 +60,13 @@ from pathlib import Path
 import torch
 
 from .ops.interval import interval_bounds
-from .ops.msm import (
-    DEFAULT_BLOCK_ELEMS,
-    interval_mean_from_similarity,
-    nearest_similarity_rows,
-    nearest_similarity_torch,
-    use_window_shifts,
-)
+from .ops.msm import DEFAULT_BLOCK_ELEMS
 
 ENV_BUDGET = "MUSC_FAST_MEMORY_BUDGET"  # bytes, or with a K/M/G/T suffix: overrides the free-memory probe
 DEFAULT_SAFETY = 0.5  # plan for this fraction of the free memory (allocator slack, other processes)
 DEFAULT_ROWS = 64
 DEFAULT_MAP_CHUNK = 16
-SHIFT_ROWS = 4  # query images per row group of the aligned-window shift path (distributed shards these)
+SHIFT_ROWS = 4  # query images per row group of the aligned-window shift path (the engine shards these)
 _TOPK_BYTES = 28  # per kept entry: fp32 value + int64 index + the float64 slice + float64 distance
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -168,7 +163,8 @@ class MemoryPlan:
 
     @property
     def is_default(self) -> bool:
-        """True when the plan is the library defaults (the fast gate in ``musc_fast.ops`` may run)."""
+        """True when the plan is the library defaults (informational: the engine's planner picks the
+        provider the same way under every plan)."""
         return replace(self, budget_bytes=None) == MemoryPlan()
 
     def degraded(self, n: int, length: int) -> "MemoryPlan | None":
@@ -356,6 +352,60 @@ def estimate_peak_bytes(n: int, length: int, c: int, *, n_layers: int, n_r: int,
     return tokens + max(lnamd, kept * z + sim + fixed)
 
 
+class InsufficientMemoryError(ValueError):
+    """A run whose smallest working set cannot fit the free memory: refused before the backbone runs."""
+
+
+def estimate_run_floor(n: int, image_size: int, grid: int, channels: tuple[int, ...] | list[int], *,
+                       token_bytes: int, n_score: int | None = None,
+                       topmin: tuple[float, float] = (0.0, 0.3)) -> tuple[int, int]:
+    """The least memory scoring N images at S x S can take, split by where it lives:
+    (host bytes, compute-device bytes). On the CPU both are the same memory.
+
+    Host: the preprocessed pixels [N, 3, S, S] float32 (alive while scoring) + the anomaly maps
+    [N, S, S] float32 + the masks [N, S, S] bool. Device: the tokens of every layer (``token_bytes``
+    each) + the leanest scoring plan (one Z of the widest layer, one streamed row [1, L, n], the smallest
+    product block and one top-k row): ``plan_scoring`` cannot go below this. ``n_score``: images
+    scored together (``divide_num`` subsets), default N. Excludes the backbone's own activations,
+    weights and the interpreter, so the true peak is higher.
+    """
+    n_sub = n if n_score is None else n_score
+    length = grid * grid
+    pixels = n * 3 * image_size * image_size * 4
+    maps = n * image_size * image_size * (4 + 1)
+    tokens = sum(n * length * c * token_bytes for c in channels)
+    z = n_sub * length * max(channels) * 4
+    row = length * n_sub * 4
+    fixed = _fixed_bytes(length * length, 1, length, _k_max(n_sub - 1, topmin), n_sub)
+    return pixels + maps, tokens + z + row + fixed
+
+
+def check_run_fits(n: int, image_size: int, grid: int, channels: tuple[int, ...] | list[int], *,
+                   token_bytes: int, device: torch.device | str = "cpu", n_score: int | None = None,
+                   topmin: tuple[float, float] = (0.0, 0.3), what: str = "") -> None:
+    """Raise ``InsufficientMemoryError`` (one line naming the estimate) when ``estimate_run_floor`` exceeds
+    the free memory (``available_bytes``: host RAM, and the GPU's for a CUDA device)."""
+    host, dev_bytes = estimate_run_floor(n, image_size, grid, channels, token_bytes=token_bytes,
+                                         n_score=n_score, topmin=topmin)
+    dev = torch.device(device)
+    label = f"{what}: " if what else ""
+    hint = "use a smaller --image-size, or --divide-num to score fewer images together"
+    if dev.type == "cuda":
+        free_dev = available_bytes(dev)
+        if dev_bytes > free_dev:
+            raise InsufficientMemoryError(
+                f"{label}scoring {n} images at {image_size} px needs at least {_fmt(dev_bytes)} on {dev} "
+                f"(tokens + the leanest scoring plan) but {_fmt(free_dev)} is free; {hint}")
+        need, where = host, "host memory"
+    else:
+        need, where = host + dev_bytes, "memory"
+    free = available_bytes("cpu")
+    if need > free:
+        raise InsufficientMemoryError(
+            f"{label}scoring {n} images at {image_size} px needs at least {_fmt(need)} of {where} (pixels, "
+            f"tokens, maps and the leanest scoring plan) but {_fmt(free)} is available; {hint}")
+
+
 def lnamd_planned(tokens: torch.Tensor, r_list: list[int], plan: MemoryPlan) -> list[torch.Tensor]:
     """``ops.lnamd_multi`` under the plan: all images at once, or image chunks written into one
     preallocated Z per r (LNAMD is per image: the same values up to float32 rounding of batched
@@ -376,64 +426,9 @@ def lnamd_planned(tokens: torch.Tensor, r_list: list[int], plan: MemoryPlan) -> 
     return out
 
 
-def full_similarity(z: torch.Tensor, *, precision: str = "fp32", block_elems: int = DEFAULT_BLOCK_ELEMS,
-                    window: int | None = None) -> torch.Tensor:
-    """sim [N, L, N] float32 by the torch path, with the aligned window when asked (the shift path for
-    small windows computes rows directly; the masked product keeps the symmetric schedule)."""
-    if window is not None and use_window_shifts(window, z.shape[1]):
-        n = z.shape[0]
-        sim = torch.empty((n, z.shape[1], n), dtype=torch.float32, device=z.device)
-        for i0, i1 in row_groups(n, SHIFT_ROWS):
-            sim[i0:i1] = nearest_similarity_rows(z, i0, i1, precision=precision, block_elems=block_elems,
-                                                 window=window)
-        return sim
-    return nearest_similarity_torch(z, precision=precision, block_elems=block_elems, window=window)
-
-
 def row_groups(n: int, rows: int) -> list[tuple[int, int]]:
     """[i0, i1) query row groups of the streaming mode."""
     return [(i0, min(n, i0 + rows)) for i0 in range(0, n, max(1, rows))]
-
-
-def mutual_scores_rows(z: torch.Tensor, i0: int, i1: int, k_min: int, k_max: int, *, precision: str,
-                       plan: MemoryPlan, window: int | None) -> torch.Tensor:
-    """MSM scores of images [i0, i1) only, with ``[i1 - i0, L, N]`` alive: [i1 - i0, L] float64."""
-    sim = nearest_similarity_rows(z, i0, i1, precision=precision, block_elems=plan.block_elems,
-                                  window=window)
-    return interval_mean_from_similarity(sim, k_min, k_max, rows_per_chunk=plan.rows_per_chunk)
-
-
-def score_pass(z: torch.Tensor, topmin: tuple[float, float] = (0.0, 0.3), *, compat: bool = False,
-               precision: str = "fp32", plan: MemoryPlan | None = None,
-               window: int | None = None) -> torch.Tensor:
-    """One (r, layer) MSM pass under a memory plan; sharded when torch.distributed runs several ranks.
-
-    Args:
-        z: [N, L, C] unit rows.
-        plan: chunk sizes (default: library defaults, full table).
-        window: aligned-parts window, None = full search.
-    Returns:
-        [N, L] float64, the same numbers as ``musc_fast.ops.mutual_scores`` (bit-for-bit in full mode
-        with default blocks; within float32 rounding of the similarities in streaming mode).
-    """
-    from . import distributed, ops
-
-    plan = plan or MemoryPlan()
-    if distributed.world_size() > 1:
-        return distributed.mutual_scores_distributed(z, topmin, compat=compat, precision=precision,
-                                                     plan=plan, window=window)
-    if plan.is_default and window is None:
-        return ops.mutual_scores(z, topmin, compat=compat, precision=precision)  # may use the kernels
-    n, length, _ = z.shape
-    k_min, k_max = interval_bounds(n - 1, topmin, compat=compat)
-    if plan.stream_rows is None:
-        sim = full_similarity(z, precision=precision, block_elems=plan.block_elems, window=window)
-        return interval_mean_from_similarity(sim, k_min, k_max, rows_per_chunk=plan.rows_per_chunk)
-    out = torch.empty((n, length), dtype=torch.float64, device=z.device)
-    for i0, i1 in row_groups(n, plan.stream_rows):
-        out[i0:i1] = mutual_scores_rows(z, i0, i1, k_min, k_max, precision=precision, plan=plan,
-                                        window=window)
-    return out
 
 
 @dataclass(frozen=True)
@@ -481,6 +476,7 @@ def plan_bank(n_query: int, n_bank: int, length: int, c: int, *, n_layers: int, 
 
 __all__ = [
     "ENV_BUDGET", "MemoryPlan", "MemoryWarning", "BankPlan", "available_bytes", "parse_bytes", "budget_for",
-    "plan_scoring", "plan_bank", "estimate_peak_bytes", "score_pass", "full_similarity", "row_groups",
-    "mutual_scores_rows", "lnamd_planned", "fits_one_gram", "OUT_OF_MEMORY", "OomRetry", "PlanChanged",
+    "plan_scoring", "plan_bank", "estimate_peak_bytes", "row_groups", "lnamd_planned", "fits_one_gram",
+    "OUT_OF_MEMORY", "OomRetry", "PlanChanged",
+    "InsufficientMemoryError", "estimate_run_floor", "check_run_fits",
 ]

@@ -15,9 +15,12 @@ import io
 import json
 import math
 import os
-import tempfile
+import secrets
+import stat
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 METRIC_COLUMNS = ("auroc_sp", "f1_sp", "ap_sp", "auroc_px", "f1_px", "ap_px", "aupro", "aupro_mvtec")
 # The original's xlsx column order (SPEC 8.2): pixel metrics first.
@@ -68,6 +71,21 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def create_temp(path: str | Path) -> tuple[int, Path]:
+    """A new, empty temporary file beside ``path`` (``.<name>.<random>.tmp``), opened for writing:
+    (fd, its path). Created with mode 0o666 so that the umask applies, as for any ordinary file
+    (``tempfile.mkstemp`` would make it 0600, and the rename would keep that)."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path}: no free temporary name")
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then ``os.replace``:
     readers see the old file or the new one, never a part. Any OSError (disk full, permissions) becomes
@@ -75,7 +93,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = create_temp(path)
         try:
             try:
                 _write_all(fd, data)
@@ -88,6 +106,98 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             raise
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write_bytes_atomic`` for writers that want a file name (a library's ``save(filename)``):
+    ``write(tmp)`` fills a temporary file beside ``path``, which then gets the mode a new file gets
+    under the umask (such writers may create it 0600), is fsynced and renamed over ``path``. Any
+    OSError, raised by ``write`` too, becomes a one-line ``OutputError``; the temporary file is removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = create_temp(path)
+        try:
+            try:
+                mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 less the umask, as create_temp made it
+            finally:
+                os.close(fd)
+            write(tmp)
+            os.chmod(tmp, mode)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+class AtomicBatch:
+    """Many files written atomically with the syncs batched: ``add`` writes each to a temporary file
+    (no fsync), leaving the block fsyncs them all, then renames them; an error anywhere removes every
+    temporary file and becomes one ``OutputError``. Each file is still old-or-new; the syncs come after
+    all the writes, so the disk flushes them together instead of once per file. Use as
+    ``with AtomicBatch() as batch: batch.add(path, data)``."""
+
+    def __init__(self) -> None:
+        self._todo: list[tuple[Path, Path]] = []
+
+    def add(self, path: str | Path, data: bytes) -> None:
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = create_temp(path)
+            self._todo.append((tmp, path))
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._discard()
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+    def add_png(self, path: str | Path, image) -> None:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        self.add(path, buf.getvalue())
+
+    def commit(self) -> None:
+        path = None
+        try:
+            for tmp, path in self._todo:  # noqa: B007 (path names the file in the error)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            for tmp, path in self._todo:
+                os.replace(tmp, path)
+        except OSError as exc:
+            self._discard()
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        self._todo = []
+
+    def _discard(self) -> None:
+        for tmp, _ in self._todo:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        self._todo = []
+
+    def __enter__(self) -> "AtomicBatch":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self._discard()
 
 
 def remove_file(path: str | Path) -> None:
@@ -154,12 +264,19 @@ def mean_row(per_category: dict[str, dict[str, float | None]]) -> dict[str, floa
 
 def write_results(root: Path, per_category: dict[str, dict[str, Any]], extra: dict[str, Any],
                   save_xlsx: bool = False) -> None:
-    """results.csv / results.json (/ results.xlsx) for the categories finished so far.
+    """results.csv / results.json (/ results.xlsx) for the categories finished so far, merged under a
+    lock with the categories an earlier or concurrent run left in ``root`` (``merged_categories``).
 
     Args:
         per_category: category -> {"metrics": {col: x100 or None}, "timings_ms_per_image": {...}, ...}.
         extra: run-level fields for the JSON (config, versions, failures).
     """
+    with results_lock(root):
+        _write_results(root, merged_categories(root, per_category), extra, save_xlsx)
+
+
+def _write_results(root: Path, per_category: dict[str, dict[str, Any]], extra: dict[str, Any],
+                   save_xlsx: bool) -> None:
     metrics = {c: v["metrics"] for c, v in per_category.items()}
     mean = mean_row(metrics)
     rows = [[c, *[m.get(col) for col in METRIC_COLUMNS]] for c, m in metrics.items()]
@@ -168,6 +285,54 @@ def write_results(root: Path, per_category: dict[str, dict[str, Any]], extra: di
     write_json(root / "results.json", {**extra, "categories": per_category, "mean": mean})
     if save_xlsx:
         write_xlsx(root / "results.xlsx", metrics, mean)
+
+
+@contextmanager
+def results_lock(root: Path, timeout_s: float = 60.0) -> Iterator[None]:
+    """Hold ``<root>/.results.lock`` (fcntl.flock; no lock where fcntl is missing) while results are
+    merged and written, so that two runs into one folder never drop each other's categories. Waits up
+    to ``timeout_s`` for another writer, then OutputError (one line)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    path = Path(root) / ".results.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OutputError(f"{path}: another musc-fast run has been writing results here for "
+                                      f"{timeout_s:.0f} s; try again when it is done") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def merged_categories(root: Path, per_category: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """This run's categories merged into those of the ``results.json`` already in ``root``: an earlier
+    category is kept (in its place) while its folder still holds its ``result.json``; a category of
+    this run replaces the earlier row of the same name."""
+    try:
+        earlier = json.loads((Path(root) / "results.json").read_text(encoding="utf-8")).get("categories", {})
+    except (OSError, ValueError, AttributeError):
+        earlier = {}
+    if not isinstance(earlier, dict):
+        earlier = {}
+    out = {c: v for c, v in earlier.items() if isinstance(v, dict) and "metrics" in v
+           and (Path(root) / safe_component(c) / "result.json").is_file()}
+    out.update(per_category)
+    return out
 
 
 def write_xlsx(path: Path, metrics: dict[str, dict[str, float | None]], mean: dict[str, float | None]) -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .backbones import Backbone, build_backbone
+from .backbones.weights import check_download_possible
 from .checks import (
     InputWarning,
     NonFiniteError,
@@ -29,9 +30,8 @@ from .checks import (
     check_layers,
     tiny_images,
 )
-from .config import MuScConfig
+from .config import MuScConfig, check_device_available, check_r_for_grid
 from .data.base import DatasetError
-from .ops.boxgram import gram_backend_ok, mutual_scores_multi, use_boxgram
 from .ops.lnamd import grid_of, layer_norm_chw
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ class Result:
         masks: [N, S, S] bool, ``anomaly_maps`` > the pixel threshold, set with ``labels``.
         skipped: input index -> reason, for image files that could not be read and were left out
             (``MuSc.score(..., on_error="skip")``); the arrays above cover the other images, in order.
+        plan: the engine's plan of every MSM pass, in order (``engine.PassPlan.as_dict()`` plus where it
+            ran: ``subset``, ``layer`` and ``r`` for per-r passes); ``engine.summarize`` condenses it.
     """
 
     image_scores: np.ndarray
@@ -65,6 +67,7 @@ class Result:
     labels: np.ndarray | None = None
     masks: np.ndarray | None = None
     skipped: dict[int, str] = field(default_factory=dict)
+    plan: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_scores)
@@ -104,6 +107,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` -> the first CUDA device if there is one, else the CPU."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, str):
+        check_device_available(device)  # cpu, cuda[:i] within device_count, mps when available
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available; use --device cpu")
@@ -167,8 +172,7 @@ def score_features(
     groups = _check_subsets(subsets, n)
     check_finite_tokens(tokens, None if cls_tokens is None else torch.as_tensor(cls_tokens))
     timer = _timer or _Timer(dev)
-    # --- production (memory plan, aligned window, distributed): see musc_fast.memory ---
-    from . import distributed
+    from . import distributed, engine
     from . import memory as mem
 
     n_max = max(len(i) for i in groups)
@@ -178,32 +182,44 @@ def score_features(
                                   budget=budget)
     # out of memory (CUDA) while scoring: shrink the plan and repeat the failed step (memory.OomRetry)
     retry = mem.OomRetry(memory, n_max, length, dev)
+    plans: list[dict] = []  # the engine's plan of every pass, in order (Result.plan)
 
     def one_gram(plan: "MemoryPlan", n_sub: int, c_layer: int) -> bool:  # decided per layer and plan
-        return (use_boxgram(dev, c_layer) and gram_backend_ok(dev) and aligned_window is None
-                and mem.fits_one_gram(plan, n_sub, length, c_layer, len(r_list)))
+        return engine.use_onegram(n_sub, length, c_layer, r_list, device=dev, window=aligned_window,
+                                  memory=plan)[0]
 
-    def gram_pass(normed: torch.Tensor, plan: "MemoryPlan") -> torch.Tensor:
-        return mutual_scores_multi(normed, list(r_list), topmin, compat=compat, precision=msm_precision,
-                                   block_elems=plan.block_elems).sum(0)
+    def gram_pass(normed: torch.Tensor, plan: "MemoryPlan") -> tuple:
+        pp = engine.plan_pass("onegram", n=normed.shape[0], length=length, device=dev, dtype=normed.dtype,
+                              precision=msm_precision, memory=plan, r_list=r_list)
+        k_min, k_max = ops.interval_bounds(normed.shape[0] - 1, topmin, compat=compat)
+        return engine.run_onegram(normed, pp, k_min, k_max).sum(0), pp
 
-    def msm_pass(z: torch.Tensor, plan: "MemoryPlan") -> torch.Tensor:
-        return mem.score_pass(z, topmin, compat=compat, precision=msm_precision, plan=plan, window=aligned_window)
+    def msm_pass(z: torch.Tensor, plan: "MemoryPlan") -> tuple:
+        pp = engine.plan_pass("msm", n=z.shape[0], length=length, device=dev, dtype=z.dtype,
+                              precision=msm_precision, window=aligned_window, memory=plan, sample=z)
+        k_min, k_max = ops.interval_bounds(z.shape[0] - 1, topmin, compat=compat)
+        return engine.run_msm(z, pp, k_min, k_max), pp
+
+    def record(scores_and_plan: tuple, **where) -> torch.Tensor:
+        scores, pp = scores_and_plan
+        plans.append({**where, **pp.as_dict()})
+        return scores
 
     acc = torch.zeros((n, length), dtype=torch.float64, device=dev)
     n_passes = len(tokens) * len(r_list)
-    for idx in groups:
+    for s_i, idx in enumerate(groups):
         index = torch.as_tensor(idx, device=dev)
         whole = idx == list(range(n))  # no copy of the tokens when all images score together
-        for layer in tokens:
+        for li, layer in enumerate(tokens):
             sub = layer.to(dev) if whole else layer.to(dev).index_select(0, index)
             fits = partial(one_gram, n_sub=len(idx), c_layer=layer.shape[2])
-            if fits(retry.plan):  # every r of the layer from one Gram block per pair (ops/boxgram.py)
+            if fits(retry.plan):  # every r of the layer from one Gram block per pair (engine.onegram)
                 with timer.stage("lnamd"):
                     normed = layer_norm_chw(sub)
                 try:
                     with timer.stage("msm"):
-                        acc[index] += retry.call(partial(gram_pass, normed), still_ok=fits)
+                        acc[index] += record(retry.call(partial(gram_pass, normed), still_ok=fits),
+                                             subset=s_i, layer=li)
                     del sub
                     continue
                 except mem.PlanChanged:  # the leaner plan scores this layer by per-r passes below
@@ -214,9 +230,9 @@ def score_features(
             for rs in r_groups:
                 with timer.stage("lnamd"):
                     zs = retry.call(partial(mem.lnamd_planned, sub, rs))
-                for z in zs:
+                for r, z in zip(rs, zs):
                     with timer.stage("msm"):
-                        acc[index] += retry.call(partial(msm_pass, z))
+                        acc[index] += record(retry.call(partial(msm_pass, z)), subset=s_i, layer=li, r=int(r))
                 del zs
             del sub
     patch = acc / n_passes
@@ -238,10 +254,44 @@ def score_features(
         patch_scores=patch.view(n, g, g).cpu().numpy(),
         anomaly_maps=maps.numpy(),
         timings=dict(timer.ms),
+        plan=plans,
     )
 
 
-ImageInput = Sequence[str | Path] | Sequence["PIL.Image.Image"] | torch.Tensor  # noqa: F821
+ImageInput = str | Path | Sequence["str | Path | PIL.Image.Image"] | torch.Tensor  # noqa: F821
+
+
+def coerce_images(images: ImageInput) -> torch.Tensor | list:
+    """What ``MuSc.score`` accepts -> a float32 tensor [N, 3, H, W] in [0, 1] or a list of paths and PIL
+    images, with one-line errors instead of silently wrong scores.
+
+    * one path (``str`` or ``Path``) is one image, not a sequence of characters;
+    * a uint8 tensor holds 0..255 and is divided by 255; a float tensor must hold finite values in
+      [0, 1] (``ValueError`` naming the range found, or ``NonFiniteError`` naming the images with
+      NaN/Inf); other dtypes (int16, bool, ...) are refused as ambiguous.
+    """
+    if isinstance(images, (str, Path)):
+        return [images]
+    if not isinstance(images, torch.Tensor):
+        return list(images)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"an image tensor must be [N, 3, H, W], got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.cpu().float().div_(255)
+    if not images.is_floating_point():
+        raise ValueError(f"an image tensor must be uint8 (0..255) or float in [0, 1], got {images.dtype}")
+    x = images.float().cpu()
+    from .checks import nonfinite_images
+
+    bad = nonfinite_images(x)
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise NonFiniteError(f"the image tensor holds NaN/Inf values in {len(bad)} image(s), at positions {shown}",
+                             bad)
+    if len(x) and (float(x.min()) < 0 or float(x.max()) > 1):
+        raise ValueError(f"a float image tensor must hold values in [0, 1] (as ToTensor gives), got "
+                         f"{float(x.min()):.4g}..{float(x.max()):.4g}; divide 0..255 data by 255 or pass uint8")
+    return x
 
 
 class MuSc:
@@ -258,8 +308,11 @@ class MuSc:
         self.device = resolve_device(self.config.device)
         self.num_workers = num_workers
         self._backbone = backbone
+        self._custom_backbone = backbone is not None
         self._forward = None  # the (compiled) forward, made on first use
         self._warm_sizes: set[int] = set()  # batch sizes already compiled
+        if self.config.runtime not in ("auto", "torch"):
+            _ = self.runtime  # a runtime that is not installed fails here, before any image is read
 
     # --- model -----------------------------------------------------------------------------------
     @property
@@ -276,22 +329,58 @@ class MuSc:
         size that is not a multiple of the patch size (a warning with ``compat``)."""
         if self._backbone is None:
             c = self.config
+            # offline with nothing cached: one line at once instead of the hub's retries (~1 min)
+            check_download_possible(c.backbone, c.pretrained, c.weights)
             model = build_backbone(
                 c.backbone, pretrained=c.pretrained, weights=c.weights, image_size=c.image_size,
                 layers=c.layers, quick_gelu=c.quick_gelu, compat=c.compat, device=self.device,
                 dtype=self.dtype)
             check_layers(c.backbone, c.layers, model.depth)
             check_image_size(c.backbone, c.image_size, model.patch_size, compat=c.compat)
+            check_r_for_grid(c.r_list, model.grid_size(c.image_size), c.image_size, model.patch_size)
             self._backbone = model
         return self._backbone
+
+    def check_memory(self, n: int, what: str = "") -> None:
+        """Refuse (``memory.InsufficientMemoryError``, a ValueError) to score ``n`` images when even the
+        leanest plan cannot fit the free memory (``memory.check_run_fits``), before any image is read."""
+        from .memory import check_run_fits
+
+        c, model = self.config, self.backbone
+        n_score = -(-n // c.divide_num) if c.divide_num > 1 else n
+        check_run_fits(n, c.image_size, model.grid_size(c.image_size), model.tap_dims,
+                       token_bytes=torch.empty((), dtype=self.dtype).element_size(), device=self.device,
+                       n_score=n_score, topmin=c.topmin, what=what)
 
     @property
     def forward(self):
         """The backbone's forward, through ``torch.compile`` when ``config.compile`` asks for it."""
         if self._forward is None:
             mode = self.config.compile
-            self._forward = self.backbone if mode == "off" else torch.compile(self.backbone, mode=mode)
+            runtime = self.runtime
+            if runtime != "torch":
+                from .runtimes import RuntimeBackbone
+
+                c = self.config
+                self._forward = RuntimeBackbone(self.backbone, runtime, tag=f"{c.pretrained}|{c.weights}",
+                                                dtype=self.dtype)
+            else:
+                self._forward = self.backbone if mode == "off" else torch.compile(self.backbone, mode=mode)
         return self._forward
+
+    @property
+    def runtime(self) -> str:
+        """The concrete backbone runtime (``config.runtime`` with ``"auto"`` resolved, see
+        ``musc_fast.runtimes``): torch whenever compile, a non-fp32 dtype or a custom backbone asks for it."""
+        from .runtimes import resolve_runtime
+
+        c = self.config
+        if c.runtime == "auto" and (c.compile != "off" or self.dtype != torch.float32 or self._custom_backbone):
+            return "torch"
+        chosen = resolve_runtime(c.runtime, c.backbone, self.device)
+        if chosen != "torch" and self.dtype != torch.float32:
+            raise ValueError(f"runtime {chosen!r} runs fp32 backbones only; use --precision fp32 or --runtime torch")
+        return chosen
 
     def warm_up(self, batch_images: torch.Tensor, need_cls: bool = True) -> bool:
         """Run one batch of each size that ``extract`` will use (the full batch and the last, shorter
@@ -311,28 +400,27 @@ class MuSc:
     def preprocess(self, images: ImageInput, *, progress: bool = True) -> torch.Tensor:
         """Images -> [N, 3, S, S] float32 on the CPU, normalised for the backbone (SPEC 1.2).
 
-        Paths and PIL images go through PIL exactly as the original (squash resize, bicubic for CLIP,
-        bilinear for DINO). A tensor is taken as RGB in [0, 1] ([N, 3, H, W], like ToTensor's output)
-        and resized with torch's antialiased interpolation when H, W differ from S.
+        Paths and PIL images (mixed freely) go through PIL exactly as the original (squash resize, bicubic
+        for CLIP, bilinear for DINO), upright by their EXIF orientation. A tensor is RGB [N, 3, H, W],
+        float in [0, 1] (like ToTensor's output) or uint8 (see ``coerce_images``), resized with torch's
+        antialiased interpolation when H, W differ from S.
         """
-        from .data import load_images, preprocess_image
+        from .data import load_images
 
         size, pp = self.config.image_size, self.backbone.preprocess
+        images = coerce_images(images)
         if isinstance(images, torch.Tensor):
-            if images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"an image tensor must be [N, 3, H, W], got {tuple(images.shape)}")
-            x = images.float().cpu()
+            x = images
             if x.shape[-2:] != (size, size):
                 x = F.interpolate(x, size=(size, size), mode=pp.interpolation, antialias=True,
                                   align_corners=False)
             mean = torch.tensor(pp.mean).view(1, 3, 1, 1)
             std = torch.tensor(pp.std).view(1, 3, 1, 1)
             return (x - mean) / std
-        images = list(images)
         if images and all(isinstance(im, (str, Path)) for im in images):
             return load_images([str(p) for p in images], size, pp, num_workers=self.num_workers,
                                progress=progress)
-        return torch.stack([preprocess_image(im, size, pp) for im in images])
+        return torch.stack([_preprocess_one(im, i, size, pp) for i, im in enumerate(images)])
 
     @torch.inference_mode()
     def extract(self, batch_images: torch.Tensor, *, progress: bool = True,
@@ -364,7 +452,8 @@ class MuSc:
         """Score images of one category against each other.
 
         Args:
-            images: a list of paths, a list of PIL images, or an [N, 3, H, W] tensor in [0, 1].
+            images: one path, a list of paths and/or PIL images, or an [N, 3, H, W] tensor, float in [0, 1]
+                or uint8 in 0..255 (``coerce_images``: other ranges, NaN/Inf and other dtypes are refused).
             subsets: disjoint index lists scored separately (default: ``divide_num`` subsets, which
                 group by parent folder and so need paths, or all images together).
             on_error: an image file that cannot be read (path inputs): ``"raise"`` an
@@ -375,6 +464,7 @@ class MuSc:
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        images = coerce_images(images)
         c = self.config
         timer = _Timer(self.device)
         from . import distributed
@@ -383,6 +473,7 @@ class MuSc:
         if paths is not None and not (paths and all(isinstance(p, (str, Path)) for p in paths)):
             paths = None
         # under torch.distributed each rank decodes and embeds its share of the batches
+        self.check_memory(len(images))  # before any image is decoded
         local = distributed.local_indices(len(images), c.batch_size)
         mine = list(range(len(images))) if local is None else local
         failed: dict[int, str] = {}
@@ -464,6 +555,25 @@ class MuSc:
         every = distributed.gather_batches(flags, len(paths), self.config.batch_size)
         return {i: failed.get(i, f"{paths[i]}: cannot read file (reported by another rank)")
                 for i in torch.nonzero(every).flatten().tolist()}
+
+
+def _preprocess_one(im, index: int, size: int, pp) -> torch.Tensor:
+    """One path or PIL image of a mixed list -> [3, S, S]; errors name the item."""
+    from PIL import Image
+
+    from .data import preprocess_image
+    from .data.loading import READ_ERRORS
+
+    try:
+        if isinstance(im, (str, Path)):
+            with Image.open(im) as img:
+                return preprocess_image(img, size, pp)
+        if isinstance(im, Image.Image):
+            return preprocess_image(im, size, pp)
+    except READ_ERRORS as exc:
+        where = im if isinstance(im, (str, Path)) else f"image {index}"
+        raise DatasetError(f"{where}: cannot read image ({' '.join(str(exc).split())})") from exc
+    raise TypeError(f"image {index}: expected a path or a PIL image, got {type(im).__name__}")
 
 
 def _remap_subsets(subsets: Sequence[Sequence[int]], keep: list[int]) -> list[list[int]]:

@@ -2,10 +2,13 @@
 
 Order of work, chosen so that bad input fails early and no finished work is lost:
 
-1. Preflight (nothing scored yet): every requested category is listed (a missing, empty, one-image or
+1. Preflight (nothing scored yet): the options are typed and `out` must be a writable folder
+   (RunOptions, `check_output_dir`); every requested category is listed (a missing, empty, one-image or
    path-like category is a DatasetError, which the CLI reports with exit code 2) and the backbone is
    built (unknown name or tag, weights of another architecture, layers out of range, image size not a
-   multiple of the patch: ValueError, exit 2).
+   multiple of the patch, r too large for the grid, weights to download while offline: ValueError,
+   exit 2); ``divide_num`` must leave 2 images per subset and the largest category must fit the free
+   memory (``MuSc.check_memory``), all before an image is read.
 2. Per category: the images are scored (unreadable files skipped and listed, or an error with
    ``strict``) and metrics computed; then its old ``result.json`` is removed, ``scores.csv`` and heat
    maps written, ``result.json`` LAST, then the run's ``results.csv``/``results.json`` rewritten. Every
@@ -24,6 +27,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
+import threading
 import time
 import traceback
 import warnings
@@ -34,18 +39,30 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import outputs, viz
-from .config import MuScConfig
+from . import engine, outputs, viz
+from .checks import InputWarning
+from .config import MuScConfig, check_field_types, check_output_dir
 from .data import (
     Category,
     DatasetError,
     UnreadableImageError,
+    check_mask_sizes,
     divide_indices,
     list_categories,
     load_category,
-    load_masks,
+    load_category_masks,
 )
 from .pipeline import MuSc, Result
+
+# What the columns of <category>/scores.csv mean (also written into result.json as "scores_columns").
+SCORES_COLUMNS = {
+    "raw_score": "max of the image's anomaly map (MSM): measured against the other images scored with it "
+                 "(its category, or its divide_num subset), so it moves when those images change; not a "
+                 "fixed scale across runs or data sets",
+    "score": "raw_score after RsCIN, min-max rescaled within the batch (0 = least, 1 = most anomalous image "
+             "of the batch): compare it within one run only. For a threshold that holds across runs, score "
+             "against a fixed reference bank (musc-fast bank build + musc-fast score, docs/production.md)",
+}
 
 # Fields of a category's result.json that are its results (the rest describe the run).
 ENTRY_KEYS = ("n_images", "n_defective", "metrics", "timings_ms_per_image", "seconds", "skipped", "warnings",
@@ -81,6 +98,17 @@ class RunOptions:
     debug: bool = False
     strict: bool = False
     resume: bool = False
+
+    def __post_init__(self) -> None:
+        # every option checked when the options are made (types from the annotations), before any work
+        for name in ("data_path", "out"):
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        check_field_types(self)
+        if self.vis is not None and self.vis not in viz.VIS_MODES:
+            raise ValueError(f"vis must be one of {', '.join(viz.VIS_MODES)} (or null), got {self.vis!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 = decode in this process), got {self.num_workers}")
 
 
 @dataclass
@@ -119,7 +147,22 @@ def preflight(opts: RunOptions) -> list[Category]:
         if other != c.name:
             raise DatasetError(f"categories {other!r} and {c.name!r} would share the output folder "
                                f"{outputs.safe_component(c.name)!r}; rename one")
+        if opts.strict:  # masks of another size than their image: refused before any work
+            check_mask_sizes(c)
     return categories
+
+
+def check_divide_num(categories: list[Category], divide_num: int) -> None:
+    """DatasetError unless ``divide_num`` leaves at least 2 images in every subset of every category
+    (MuSc scores the images of a subset against each other)."""
+    if divide_num <= 1:
+        return
+    for c in categories:
+        sizes = [len(s) for s in divide_indices(c.samples, divide_num) if s]
+        if divide_num > len(c) or min(sizes) < 2:
+            raise DatasetError(f"divide_num={divide_num} splits category {c.name!r} ({len(c)} images) into subsets "
+                               f"of as few as {min(sizes)} image(s); MuSc needs at least 2 per subset: use "
+                               f"--divide-num {max(1, len(c) // 2)} or less")
 
 
 def input_fingerprint(category: Category, data_root: str | Path) -> str:
@@ -187,8 +230,8 @@ def category_metrics(category: Category, result: Result, config: MuScConfig,
         return {}, None
     masks = None
     if category.has_masks:
-        masks = load_masks(category.mask_paths, config.image_size, category.mask_rule,
-                           num_workers=num_workers, progress=progress).numpy()
+        masks = load_category_masks(category, config.image_size, threshold=config.mask_threshold,
+                                    num_workers=num_workers, progress=progress).numpy()
     labels = np.asarray(category.labels, dtype=np.int64)
     return compute_metrics(labels, result.image_scores, masks, result.anomaly_maps, compat=config.compat), masks
 
@@ -211,12 +254,13 @@ def write_category(root: Path, category: Category, result: Result, masks: np.nda
     for folder in dict.fromkeys(folders):
         idx = [i for i, f in zip(todo, folders) if f == folder]
         stems.update(zip(idx, outputs.unique_stems([category.samples[i].path for i in idx])))
-    for i, folder in zip(todo, folders):
-        s = category.samples[i]
-        small, full = viz.render(vis, maps, i, s.path, None if masks is None else masks[i],
-                                 float(result.image_scores[i]), whole)
-        outputs.write_png(cat_dir / vis / folder / f"{stems[i]}.png", small)
-        outputs.write_png(cat_dir / vis / folder / "fullres" / f"{stems[i]}.png", full)
+    with outputs.AtomicBatch() as batch:  # one round of syncs per category, not one per PNG
+        for i, folder in zip(todo, folders):
+            s = category.samples[i]
+            small, full = viz.render(vis, maps, i, s.path, None if masks is None else masks[i],
+                                     float(result.image_scores[i]), whole)
+            batch.add_png(cat_dir / vis / folder / f"{stems[i]}.png", small)
+            batch.add_png(cat_dir / vis / folder / "fullres" / f"{stems[i]}.png", full)
 
 
 def nonfinite_flags(result: Result) -> list[str]:
@@ -232,6 +276,50 @@ def nonfinite_flags(result: Result) -> list[str]:
 
 
 _PACKAGE = Path(__file__).resolve().parent
+
+
+@contextmanager
+def interrupts_delivered() -> Iterator[None]:
+    """Make sure Ctrl-C stops the run. A SIGINT that arrives while Python runs an at-fork callback
+    (logging's ``_releaseLock`` after each DataLoader worker fork) or a ``__del__`` raises its
+    KeyboardInterrupt there, where Python only prints "Exception ignored in ..." and goes on. Inside
+    this block such a swallowed KeyboardInterrupt is delivered again to the main thread shortly after
+    (from a timer thread, since a re-raise inside the callback would be swallowed too)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import _thread
+
+    previous = sys.unraisablehook
+    _SWALLOWED_INTERRUPT.clear()
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _SWALLOWED_INTERRUPT.set()  # checked between categories and at the end, should the re-delivery be lost
+            timer = threading.Timer(0.05, _thread.interrupt_main)
+            timer.daemon = True
+            timer.start()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+        raise_if_interrupted()
+    finally:
+        sys.unraisablehook = previous
+        _SWALLOWED_INTERRUPT.clear()
+
+
+# Set when a KeyboardInterrupt was swallowed inside interrupts_delivered(): the re-delivery from the timer
+# can itself land somewhere that swallows or catches it, so the run also checks this flag.
+_SWALLOWED_INTERRUPT = threading.Event()
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C was swallowed (an at-fork callback, a __del__) in this run."""
+    if _SWALLOWED_INTERRUPT.is_set():
+        raise KeyboardInterrupt
 
 
 @contextmanager
@@ -276,13 +364,21 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
     UnreadableImageError with ``strict``; KeyboardInterrupt (finished categories stay written).
     Under torchrun every rank scores (the work is sharded inside) and only the main rank writes.
     """
+    with interrupts_delivered():
+        return _run(config, opts, model=model, log=log)
+
+
+def _run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None,
+         log: Callable[[str], None]) -> RunSummary:
     from . import distributed
 
     writer = distributed.is_main_process()
     if not writer:
         log = _silent
+    check_output_dir(opts.out)
     root = outputs.run_root(opts.out, opts.dataset, config.backbone, config.image_size)
     categories = preflight(opts)
+    check_divide_num(categories, config.divide_num)
     keys = {c.name: _run_key(opts, config, input_fingerprint(c, opts.data_path)) for c in categories}
     done: dict[str, dict[str, Any]] = {}
     if opts.resume:
@@ -295,6 +391,9 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
     if len(done) < len(categories):
         with captured_warnings() as run_notes:
             _ = model.backbone  # bad backbone settings fail here, before any scoring
+            todo = [c for c in categories if c.name not in done]
+            biggest = max(todo, key=len)  # even the leanest plan must fit, before the first image is read
+            model.check_memory(len(biggest), what=f"category {biggest.name!r}")
         for note in run_notes:
             log(f"warning: {note}")
     per_category: dict[str, dict[str, Any]] = {}
@@ -309,6 +408,7 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
                                                    "warnings": run_notes}, opts.save_xlsx)
 
     for category in categories:
+        raise_if_interrupted()  # a Ctrl-C swallowed during the last category stops the run here
         name = category.name
         cat_dir = root / outputs.safe_component(name)
         if name in done:
@@ -320,6 +420,8 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
         t0 = time.perf_counter()
         try:
             with captured_warnings() as notes:
+                for note in category.input_notes():  # the reader's remarks: files left out, unofficial names
+                    warnings.warn(note, InputWarning, stacklevel=1)
                 result = score_category(model, category, progress=opts.progress,
                                         on_error="raise" if opts.strict else "skip")
                 scored = without(category, result.skipped)
@@ -327,6 +429,7 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
                 t_metrics = time.perf_counter()
                 metrics, masks = category_metrics(scored, result, config, opts.num_workers, opts.progress)
             t_vis = time.perf_counter()
+            raise_if_interrupted()  # a Ctrl-C whose re-delivery was lost must not let this category be written
             if writer:
                 # the marker goes before its files are replaced: result.json present <=> its files are complete
                 outputs.remove_file(cat_dir / "result.json")
@@ -349,20 +452,24 @@ def run(config: MuScConfig, opts: RunOptions, *, model: MuSc | None = None,
             "metrics": outputs.as_percent({k: metrics.get(k) for k in outputs.METRIC_COLUMNS}),
             "timings_ms_per_image": timings,
             "seconds": time.perf_counter() - t0,
-            "skipped": [{"path": str(category.samples[i].path), "reason": why} for i, why in result.skipped.items()],
+            "skipped": [{"path": str(category.samples[i].path), "reason": why} for i, why in result.skipped.items()]
+            + [{"path": str(p), "reason": f"{p}: not read: {why}"} for p, why in category.left_out.items()],
             "warnings": notes,
             "flags": flags,
         }
         per_category[name] = entry
-        for s in entry["skipped"]:
-            log(f"[{name}] skipped: {s['reason']}")
+        plan = engine.summarize(result.plan)  # what ran: mode, provider, precision, chunking per pass
+        log(f"[{name}] plan: " + "; ".join(plan))
+        for why in result.skipped.values():  # files left out by the reader are summed up in one warning
+            log(f"[{name}] skipped: {why}")
         for note in notes:
             log(f"[{name}] warning: {note}")
         if flags:
             flagged[name] = "; ".join(flags)
             log(f"[{name}] FLAGGED: {flagged[name]}")
         if writer:
-            outputs.write_json(cat_dir / "result.json", {**extra, **keys[name], **entry})
+            outputs.write_json(cat_dir / "result.json", {**extra, **keys[name], **entry, "category": name,
+                                                         "scores_columns": SCORES_COLUMNS, "plan": plan})
             save_results()
         shown = ", ".join(f"{k} {v:.2f}" for k, v in entry["metrics"].items() if v is not None)
         log(f"[{name}] {len(scored)} images, {timings['total']:.1f} ms/image (MuSc stages)"

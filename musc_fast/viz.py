@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from .data.folder import NORMAL_TYPES
+from .data.transforms import upright
 
 VIS_MODES = ("single_norm", "whole_norm", "overlay")
 
@@ -104,8 +105,8 @@ def render(mode: str, maps: np.ndarray, index: int, image_path: Path, mask: np.n
     m = maps[index]
     lo, hi = (float(m.min()), float(m.max())) if mode == "single_norm" else whole_range
     nm = normalise(m, lo, hi)
-    with Image.open(image_path) as im:
-        im.load()
+    with Image.open(image_path) as raw:
+        im = upright(raw)  # as it was scored (EXIF orientation)
         full_size = im.size
         if mode == "overlay":
             s = maps.shape[-1]

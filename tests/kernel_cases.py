@@ -6,6 +6,7 @@ CPU tensors (no CUDA device; tiny shapes), or compiled on the GPU (CUDA and no T
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -45,7 +46,8 @@ BF16_RATIO = 2.0
 
 COMPILED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = "cuda" if COMPILED else "cpu"
-SMALL = MutualMinConfig(16, 32, 16)  # several row, column and K tiles even at L=49, C=37
+SMALL = MutualMinConfig(16, 32, 16, num_stages=2)  # several row, column and K tiles at L=49, C=37; 2 stages: no
+# sm_90 stack in the 3-part split mode (3 stages: 8 bytes)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,6 +95,111 @@ def test_mutual_min_fp32_matches_reference(n, length, c, cfg):
     np.testing.assert_allclose(_distances(sim)[off], nearest_distances_reference(z)[off], atol=ATOL_FP32)
     torch_sim = nearest_similarity_torch(torch.from_numpy(z))
     np.testing.assert_allclose(_np(sim)[off], torch_sim.numpy()[off], rtol=0, atol=ATOL_SIM_FP32)
+
+
+def _sim64(z: np.ndarray) -> np.ndarray:
+    n, length, c = z.shape
+    flat = z.astype(np.float64).reshape(n * length, c)
+    sim = (flat @ flat.T).reshape(n, length, n, length).max(axis=3)
+    sim[np.arange(n), :, np.arange(n)] = -np.inf
+    return sim
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp32-ieee"])
+@pytest.mark.parametrize("n, length, c, cfg", [(3, 25, 100, None), (2, 9, 1000, None), (4, 49, 37, SMALL),
+                                               (5, 16, 1000, SMALL)], ids=str)
+def test_mutual_min_exact_modes_odd_c(n, length, c, cfg, precision):
+    """Both exact modes (the bf16-split tensor-core path and IEEE FMA) with C not a multiple of the K block
+    (zero-padded by the wrapper): error vs float64 at most 2x torch's own fp32 matmul (TF32 off) on the
+    same inputs, plus a floor of 1e-7 for shapes where torch happens to be near exact."""
+    z = with_duplicates(unit_rows(n, length, c, np.random.default_rng())) if n >= 4 else \
+        unit_rows(n, length, c, np.random.default_rng())
+    sim = kernels.nearest_similarity_triton(_t(z), precision=precision, config=cfg)
+    off = _off_diagonal(n, length)
+    assert np.isneginf(_np(sim)[~off]).all() and np.isfinite(_np(sim)[off]).all()
+    ref = _sim64(z)[off]
+    err = np.abs(_np(sim).astype(np.float64)[off] - ref).max()
+    torch_err = np.abs(nearest_similarity_torch(torch.from_numpy(z)).double().numpy()[off] - ref).max()
+    assert err <= 2 * torch_err + 1e-7, (err, torch_err)
+    np.testing.assert_allclose(_distances(sim)[off], nearest_distances_reference(z)[off],
+                               atol=ATOL_TIES if n >= 4 else ATOL_FP32)
+
+
+def test_mutual_min_work_counter_and_int32_guard():
+    """Work comes from an atomic counter: any grid size gives the same bits (items are independent), and
+    launches whose item count would overflow int32 are refused before any work."""
+    from musc_fast.kernels import mutual_min as mm
+
+    z = _t(unit_rows(4, 25, 24, np.random.default_rng()))
+    zc = z[None, None].contiguous()
+    sims = []
+    for progs in (1, 3):
+        sim = torch.full((1, 4, 25, 4), float("-inf"), device=DEVICE)
+        mm._launch(zc, sim, "fp32-ieee", dataclasses.replace(SMALL, block_k=8, progs_per_sm=progs))
+        sims.append(sim)
+    torch.testing.assert_close(sims[0], sims[1], rtol=0, atol=0)
+    assert torch.isfinite(sims[0][0][torch.from_numpy(_off_diagonal(4, 25)).to(DEVICE)]).all()
+    assert mm.work_items(1, 200 * 199 // 2, 1369, 128) == 19900 * 11
+    with pytest.raises(ValueError, match="exceed int32"):
+        mm.work_items(1, 14000 * 13999 // 2, 1369, 64)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp32-ieee", "bf16", "fp16"])
+def test_mutual_min_flattened_loop_same_bits(precision):
+    """The flattened loop over (column tile, K step) is the same arithmetic as the nested one: same bits,
+    on awkward shapes (L not a multiple of the tiles, odd C, a duplicate image), and exact vs float64."""
+    z = with_duplicates(unit_rows(4, 49, 37, np.random.default_rng()))
+    nest = kernels.nearest_similarity_triton(_t(z), precision=precision, config=SMALL)
+    flat = kernels.nearest_similarity_triton(_t(z), precision=precision,
+                                             config=dataclasses.replace(SMALL, flatten=True))
+    torch.testing.assert_close(flat, nest, rtol=0, atol=0)
+    off = _off_diagonal(4, 49)
+    if precision.startswith("fp32"):
+        ref = _sim64(z)[off]
+        torch_err = np.abs(nearest_similarity_torch(torch.from_numpy(z)).double().numpy()[off] - ref).max()
+        assert np.abs(_np(flat).astype(np.float64)[off] - ref).max() <= 2 * torch_err + 1e-7
+    else:  # rounded operands, exact products, fp32 sums (see test_mutual_min_low_precision)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        zr = torch.from_numpy(z).to(dtype).double().numpy()
+        np.testing.assert_allclose(_np(flat)[off], _sim64(zr)[off], rtol=0, atol=ATOL_SIM_FP32)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp32-ieee", "bf16", "tf32"])
+def test_mutual_min_autotune_candidates_agree(precision):
+    """Every autotune candidate (GPU tile shapes, both loop forms) computes the same similarities as the
+    default: bitwise when compiled (they share BLOCK_K, so each entry is summed in the same order), to
+    fp32 rounding under the interpreter (its numpy dot may order a block's sum by the block's shape)."""
+    from musc_fast.kernels import mutual_min as mm
+
+    z = _t(unit_rows(3, 49, 40, np.random.default_rng()))  # one partial tile each way, C padded
+    sims = [kernels.nearest_similarity_triton(z, precision=precision, config=cfg)
+            for cfg in mm.CANDIDATES[precision]]
+    assert any(c.flatten for c in mm.CANDIDATES[precision])
+    for sim in sims[1:]:
+        torch.testing.assert_close(sim, sims[0], rtol=0, atol=0 if COMPILED else ATOL_SIM_FP32)
+
+
+def test_autotune_candidates_share_block_k():
+    from musc_fast.kernels import mutual_min as mm
+
+    for prec, cands in mm.CANDIDATES.items():
+        assert len({c.block_k for c in cands}) == 1, prec
+        assert cands[0] == mm._DEFAULTS[prec]
+
+
+def test_first_use_probe_passes_for_the_real_kernels(monkeypatch):
+    """The probe of ops.kernel_ok against the torch paths, on the real kernels (interpreter or GPU):
+    every kernel and precision passes it (else a correct kernel would be turned off)."""
+    from musc_fast import ops
+
+    monkeypatch.setattr(ops, "PROBE_DEVICES", ["cuda", "cpu"])
+    monkeypatch.setattr(ops, "_KERNEL_STATE", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ops.KernelFallbackWarning)
+        for key in [("lnamd",), ("interval_mean",), ("mutual_min", "fp32"), ("mutual_min", "fp32-ieee"),
+                    ("mutual_min", "bf16"), ("mutual_min", "fp16"), ("boxgram", "fp32"), ("boxgram", "bf16")]:
+            assert ops.kernel_ok(key, DEVICE), key
+    assert all(v is None for v in ops._KERNEL_STATE.values())
 
 
 def test_mutual_min_negative_similarities_are_not_masked_by_padding():
@@ -411,10 +518,23 @@ def test_kernels_build_for_sm90_without_spills():
     check what the H200 would run: wgmma for 16-bit MSM, a cp.async pipeline, red.max for the column
     maxima, no register spills anywhere."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import json; from musc_fast.kernels import _sm90 as s; print(json.dumps({"
+    code = ("import json, torch; from musc_fast.kernels import _sm90 as s; "
+            "from musc_fast.kernels import nearest_similarity_triton as f; "
+            "odd = s.preflight([lambda: f(torch.zeros(4, 1369, 1000), precision='bf16'), "
+            "lambda: f(torch.zeros(4, 1369, 1000), precision='fp16'), "
+            "lambda: f(torch.zeros(4, 1369, 100), precision='fp32'), "
+            "lambda: f(torch.zeros(4, 1369, 100), precision='fp32-ieee')]); "
+            "print(json.dumps({"
             "'bf16': s.mutual_min_report('bf16'), 'fp32': s.mutual_min_report('fp32'), "
-            "'interval': s.interval_mean_report(200), 'lnamd': s.lnamd_report(1024), "
-            "**{f'boxgram_{p}_{k}': v for p in ('bf16', 'fp32') for k, v in s.boxgram_report(p).items()}}))")
+            "'fp32_ieee': s.mutual_min_report('fp32-ieee'), "
+            "**{f'odd_c_{i}': r for i, r in enumerate(odd)}, "
+            "'interval': s.interval_mean_report(200), 'interval_n12': s.interval_mean_report(12), "
+            "'interval_n9': s.interval_mean_report(9), 'lnamd': s.lnamd_report(1024), "
+            "**{f'flat_{p}': s.mutual_min_report(p, c) for p, cs in __import__("
+            "'musc_fast.kernels.mutual_min', fromlist=['x']).CANDIDATES.items() if p in ('bf16', 'fp32') "
+            "for c in cs if c.flatten}, "
+            "**{f'boxgram_{p}_{k}': v for p in ('bf16', 'fp32', 'fp32-ieee') "
+            "for k, v in s.boxgram_report(p).items()}}))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if res.returncode != 0:
@@ -426,14 +546,25 @@ def test_kernels_build_for_sm90_without_spills():
         assert r["stack"] == 0 and r["LDL"] == 0 and r["STL"] == 0, (name, r)
         assert r["shared"] <= 227 * 1024, (name, r)
     assert rep["bf16"]["HGMMA"] > 0 and rep["bf16"]["LDGSTS"] > 0, rep["bf16"]
-    assert rep["fp32"]["HGMMA"] == 0 and rep["fp32"]["FFMA"] > 0, rep["fp32"]  # TF32 really off
-    assert rep["bf16"]["RED"] > 0 and rep["bf16"]["ATOM"] == 0, rep["bf16"]
-    # One-Gram kernels (kernels/boxgram.py): the Gram on wgmma in bf16, on FFMA in fp32 (exact mode);
+    # The flattened-loop candidates stay on wgmma + cp.async (checked spill-free above).
+    assert rep["flat_bf16"]["HGMMA"] > 0 and rep["flat_bf16"]["LDGSTS"] > 0, rep["flat_bf16"]
+    assert rep["flat_fp32"]["HGMMA"] >= 6, rep["flat_fp32"]
+    # Exact mode on tensor cores (bf16 split: 6 products); fp32-ieee on the FMA units (TF32 really off).
+    assert rep["fp32"]["HGMMA"] >= 6 and rep["fp32"]["LDGSTS"] > 0, rep["fp32"]
+    assert rep["fp32_ieee"]["HGMMA"] == 0 and rep["fp32_ieee"]["FFMA"] > 0, rep["fp32_ieee"]
+    # Column maxima through red.max; the only ATOMs are the work counter's (returns a value).
+    assert rep["bf16"]["RED"] > 0 and rep["bf16"]["ATOM"] <= 2, rep["bf16"]
+    # C not a multiple of 16/32 (zero-padded to the K block): 4 launches, spill-free (checked above) and
+    # on the cp.async pipeline.
+    odd = [r for k, r in rep.items() if k.startswith("odd_c_")]
+    assert len(odd) == 4 and all("error" not in r and r["LDGSTS"] > 0 for r in odd), odd
+    # One-Gram kernels (kernels/boxgram.py): the Gram on wgmma in bf16 and fp32 (split), FFMA in fp32-ieee;
     # every degree's maxima through red.max; the filters of r = 3 and 5 present and spill-free (above).
     box = {k[len("boxgram_"):]: r for k, r in rep.items() if k.startswith("boxgram_")}
     assert {"bf16_gram", "bf16_box_rows", "bf16_box_cols_r3", "bf16_box_cols_r5", "fp32_gram"} <= set(box)
     assert box["bf16_gram"]["HGMMA"] > 0 and box["bf16_gram"]["LDGSTS"] > 0, box["bf16_gram"]
-    assert box["fp32_gram"]["HGMMA"] == 0 and box["fp32_gram"]["FFMA"] > 0, box["fp32_gram"]
+    assert box["fp32_gram"]["HGMMA"] >= 6, box["fp32_gram"]  # exact mode: the bf16 split on wgmma
+    assert box["fp32-ieee_gram"]["HGMMA"] == 0 and box["fp32-ieee_gram"]["FFMA"] > 0, box["fp32-ieee_gram"]
     for name in ("gram", "box_cols_r3", "box_cols_r5"):
         assert box[f"bf16_{name}"]["RED"] > 0 and box[f"bf16_{name}"]["ATOM"] == 0, (name, box[f"bf16_{name}"])
 

@@ -32,6 +32,16 @@ from tests.kernel_cases import ATOL_FP32, ATOL_SIM_FP32, ATOL_SIM_FP32_C1024, AT
 SMALL = BoxGramConfig(16, 32, 16, rows_p=16, rows_q=32, cols_p=32, cols_q=16)
 
 
+def _multi(x: torch.Tensor, r_list, **kwargs) -> torch.Tensor:
+    """The one-Gram kernels with their norms computed by the torch path (the kernels take them as input);
+    inputs the torch path refuses get dummy norms, so that the kernel's own input checks are what is tested."""
+    try:
+        inv = box_inverse_norms(x.float(), r_list)
+    except (ValueError, RuntimeError):  # even r, a non-square L
+        inv = torch.ones((len(r_list), *x.shape[:2]), device=x.device)
+    return kernels.nearest_similarity_multi_triton(x, r_list, inv_norms=inv, **kwargs)
+
+
 def _tokens(n: int, g: int, c: int, rng: np.random.Generator, duplicates: bool = False) -> np.ndarray:
     """[N, G*G, C] float32: a prototype per grid position shared by all images, per-image noise and
     per-channel offsets (like aligned objects under a ViT)."""
@@ -65,7 +75,7 @@ def test_boxgram_fp32_matches_torch_and_reference(n, g, c, r_list, cfg):
     x = _ln(tokens)
     length = g * g
     # block_elems of one pair: every pair is its own chunk (chunking + scratch reuse)
-    sim = kernels.nearest_similarity_multi_triton(x, r_list, config=cfg, block_elems=length * length)
+    sim = _multi(x, r_list, config=cfg, block_elems=length * length)
     assert sim.shape == (len(r_list), n, length, n) and sim.dtype == torch.float32
     ref_sim = nearest_similarity_multi_torch(x.cpu(), r_list)
     off = torch.isfinite(ref_sim)
@@ -78,15 +88,15 @@ def test_boxgram_fp32_matches_torch_and_reference(n, g, c, r_list, cfg):
 
 def test_boxgram_chunking_does_not_change_results():
     x = _ln(_tokens(4, 7, 24, np.random.default_rng()))
-    whole = kernels.nearest_similarity_multi_triton(x, (1, 3))  # all 6 pairs in one chunk
-    pairwise = kernels.nearest_similarity_multi_triton(x, (1, 3), block_elems=49 * 49)  # 6 chunks
+    whole = _multi(x, (1, 3))  # all 6 pairs in one chunk
+    pairwise = _multi(x, (1, 3), block_elems=49 * 49)  # 6 chunks
     torch.testing.assert_close(pairwise, whole, rtol=0, atol=0)  # max merges are order-free
 
 
 @pytest.mark.parametrize("n", [3, 5])
 def test_boxgram_duplicates(n):
     tokens = _tokens(n, 7, 33, np.random.default_rng(), duplicates=True)
-    sim = kernels.nearest_similarity_multi_triton(_ln(tokens), (1, 3, 5))
+    sim = _multi(_ln(tokens), (1, 3, 5))
     # The last image is a copy of image 0: each patch's nearest in image 0 is itself, for every r.
     np.testing.assert_allclose(sim[:, n - 1, :, 0].cpu().numpy(), 1.0, atol=ATOL_SIM_FP32)
     with warnings.catch_warnings():
@@ -124,7 +134,7 @@ def test_boxgram_low_precision_within_twice_torch_error(precision):
     tokens = _tokens(n, 7, 37, np.random.default_rng())
     x = _ln(tokens)
     k_min, k_max = interval_bounds(n - 1, (0.0, 0.3))
-    out = _scores(kernels.nearest_similarity_multi_triton(x, r_list, precision=precision), n)
+    out = _scores(_multi(x, r_list, precision=precision), n)
     ref = _reference(tokens, r_list)
     torch_sim = _torch_low_precision_one_gram(x, r_list, precision)
     torch_out = np.stack([interval_mean_from_similarity(s, k_min, k_max).numpy() for s in torch_sim])
@@ -137,12 +147,12 @@ def test_boxgram_low_precision_within_twice_torch_error(precision):
 def test_boxgram_errors():
     x = torch.zeros((2, 25, 8), device=DEVICE)
     with pytest.raises(ValueError, match="odd and positive"):
-        kernels.nearest_similarity_multi_triton(x, (1, 2))
+        _multi(x, (1, 2))
     with pytest.raises(ValueError, match="precision"):
-        kernels.nearest_similarity_multi_triton(x, (1,), precision="tf32")
+        _multi(x, (1,), precision="tf32")
     with pytest.raises(ValueError, match="square"):
-        kernels.nearest_similarity_multi_triton(torch.zeros((2, 24, 8), device=DEVICE), (1,))
-    one = kernels.nearest_similarity_multi_triton(torch.ones((1, 25, 8), device=DEVICE), (1, 3))
+        _multi(torch.zeros((2, 24, 8), device=DEVICE), (1,))
+    one = _multi(torch.ones((1, 25, 8), device=DEVICE), (1, 3))
     assert one.shape == (2, 1, 25, 1) and torch.isneginf(one).all()  # one image: no partner
 
 
@@ -209,7 +219,7 @@ def test_gpu_boxgram_paper_grid():
     r_list = (1, 3, 5)
     k_min, k_max = interval_bounds(n - 1, (0.0, 0.3))
     ref_sim = nearest_similarity_multi_torch(x, r_list)  # cuBLAS fp32 (TF32 off) + torch filters
-    sim = kernels.nearest_similarity_multi_triton(x, r_list)
+    sim = _multi(x, r_list)
     off = torch.isfinite(ref_sim)
     assert torch.equal(torch.isfinite(sim), off)
     assert (sim[off] - ref_sim[off]).abs().max().item() <= ATOL_SIM_FP32_C1024
@@ -218,10 +228,32 @@ def test_gpu_boxgram_paper_grid():
     assert (out - ref).abs().max().item() <= ATOL_FP32
     # bf16 against torch's own bf16 one-Gram blocks (real cuBLAS here), both judged against fp32.
     bf = torch.stack([kernels.interval_mean_triton(s, k_min, k_max)
-                      for s in kernels.nearest_similarity_multi_triton(x, r_list, precision="bf16")])
+                      for s in _multi(x, r_list, precision="bf16")])
     tb = torch.stack([interval_mean_from_similarity(s, k_min, k_max)
                       for s in nearest_similarity_multi_torch(x, r_list, precision="bf16")])
     for k in range(len(r_list)):
         err, torch_err = (bf[k] - ref[k]).abs().max().item(), (tb[k] - ref[k]).abs().max().item()
         assert err <= BF16_RATIO * torch_err + ATOL_FP32, (r_list[k], err, torch_err)
 
+
+
+def test_boxgram_ieee_mode_and_int32_chunk_cap():
+    """fp32-ieee (FMA) matches the torch one-Gram path like the split mode; chunks are capped so that the
+    grids (pairs x tiles) stay within int32 program ids, e.g. r_list = [1] (no scratch) at N = 4500."""
+    from musc_fast.kernels import boxgram as kb
+
+    tokens = _tokens(3, 5, 37, np.random.default_rng())
+    x = _ln(tokens)
+    sim = _multi(x, (1, 3), precision="fp32-ieee")
+    ref_sim = nearest_similarity_multi_torch(x.cpu(), (1, 3))
+    off = torch.isfinite(ref_sim)
+    assert (sim.cpu()[off] - ref_sim[off]).abs().max().item() <= ATOL_SIM_FP32
+    cfg = kb._DEFAULTS["fp32"]
+    n_pairs = 4500 * 4499 // 2  # 2.4e9 program ids at 128 x 64 tiles
+    m = min(kb.chunk_pairs(n_pairs, 1369, 0, 1 << 24), kb.max_chunk(1369, kb._lead(1369), cfg))
+    tiles = triton_cdiv(1369, cfg.block_m) * triton_cdiv(1369, cfg.block_n)
+    assert n_pairs * tiles > kb.MAX_GRID and 0 < m * tiles <= kb.MAX_GRID
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -8,7 +8,8 @@ import torch
 
 from musc_fast import MuScConfig, score_features
 from musc_fast.bank import Bank
-from musc_fast.memory import MemoryPlan, full_similarity, score_pass
+from musc_fast.engine import full_similarity, score_pass
+from musc_fast.memory import MemoryPlan
 from musc_fast.ops import interval_bounds, interval_mean_from_similarity, lnamd, mutual_scores
 from musc_fast.ops.msm import (
     cross_similarity_torch,

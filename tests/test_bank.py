@@ -220,6 +220,9 @@ def test_load_errors_are_one_line(tokens, tmp_path):
         ("edited", {"config": json.dumps({**json.loads(meta["config"]), "image_size": 56})},
          "config hash mismatch"),
         ("badjson", {"names": "[unterminated"}, "corrupt bank metadata"),
+        ("names", {"names": json.dumps(list(reversed(json.loads(meta["names"]))))}, "metadata checksum mismatch"),
+        ("maxsize", {"max_size": "3"}, "metadata checksum mismatch"),
+        ("hashes", {"hashes": json.dumps(["0" * 64] * 7)}, "metadata checksum mismatch"),
     ]:
         p = tmp_path / f"{name}.safetensors"
         _write_bank_file(p, tensors, {**meta, **edit})
@@ -299,3 +302,86 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: both thresholds at once
         _parser().parse_args(["score", "--bank", str(path), "--threshold", "1", "--threshold-quantile", "0.5",
                               "x.png"])
+
+
+def test_version_1_file_loads_with_a_warning(tokens, tmp_path):
+    from safetensors import safe_open
+
+    bank = Bank.from_features(tokens, config=_config(), names=[f"n{i}" for i in range(7)])
+    path = bank.save(tmp_path / "b.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    v1 = {k: v for k, v in meta.items() if k not in ("meta_checksum", "hashes")}
+    old = tmp_path / "v1.safetensors"
+    _write_bank_file(old, tensors, {**v1, "format_version": "1"})
+    with pytest.warns(RuntimeWarning, match="format version 1.*save it again"):
+        bank = Bank.load(old)
+    assert bank.names == [f"n{i}" for i in range(7)] and bank.hashes == [None] * 7
+    upgraded = bank.save(tmp_path / "v2.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Bank.load(upgraded).names == bank.names
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_bank_file_mode_honours_umask(tokens, tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        path = Bank.from_features(tokens, config=_config()).save(tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+
+
+def test_add_skips_duplicates_by_content_and_name(tmp_path):
+    register_fake()
+    pixels = (fake_images(5, seed=4).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(pixels[i]).save(paths[-1])
+    copy = tmp_path / "copy_of_0.png"
+    copy.write_bytes(paths[0].read_bytes())
+    bank = Bank.build([str(p) for p in paths[:3]], fake_config(), progress=False)
+    assert all(h is not None for h in bank.hashes)
+    bank.leave_one_out()
+    assert bank.duplicates([str(paths[3]), str(copy), str(paths[3])]) == {1: str(paths[0]), 2: str(paths[3])}
+    with pytest.warns(RuntimeWarning, match="skipped 2 image.*already in the bank"):
+        bank.add([str(paths[3]), str(copy), str(paths[1])])
+    assert bank.names == [str(p) for p in paths[:4]] and len(bank) == 4
+    assert bank._loo is None  # the old calibration no longer describes the bank: recomputed on demand
+    assert len(bank.leave_one_out().raw_image_scores) == 4
+    # tensors and PIL images are hashed by their pixels
+    pil = Image.fromarray(pixels[4])
+    bank.add([pil])
+    assert bank.duplicates([Image.fromarray(pixels[4].copy())]) == {0: "image[0]"}
+    # a bank without hashes (from_features, version-1 files) matches by name
+    plain = Bank.from_features(bank.tokens, bank.cls, config=bank.config, names=bank.names)
+    assert plain.duplicates([str(paths[2]), str(copy)]) == {0: str(paths[2])}
+
+
+def test_score_skip_and_on_chunk(tmp_path):
+    register_fake()
+    pixels = (fake_images(6, seed=5).permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8)
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(pixels[i]).save(paths[-1])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    bank = Bank.build(paths[:3], fake_config(), progress=False)
+    items = [paths[3], str(bad), paths[4], paths[5]]
+    seen = []
+    res = bank.score(items, on_error="skip", chunk=2, on_chunk=lambda r, idx: seen.append((idx, r.image_scores)))
+    assert list(res.skipped) == [1] and "bad.png" in res.skipped[1] and len(res) == 3
+    assert [idx for idx, _ in seen] == [[0], [2, 3]]
+    np.testing.assert_array_equal(np.concatenate([s for _, s in seen]), res.image_scores)
+    whole = bank.score([paths[3], paths[4], paths[5]])
+    np.testing.assert_allclose(res.image_scores, whole.image_scores, rtol=0, atol=ATOL_BLOCKS)
+    from musc_fast.data import UnreadableImageError
+
+    with pytest.raises(UnreadableImageError, match="bad.png"):
+        bank.score(items)

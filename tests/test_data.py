@@ -241,9 +241,12 @@ def test_load_masks_order_and_none(tmp_path):
 def test_mvtec_fake_tree_and_category_listing(tmp_path):
     _mvtec_tree(tmp_path, "cable")
     _mvtec_tree(tmp_path, "zipper")
-    _mvtec_tree(tmp_path, "not_mvtec")  # unknown names are not listed
-    assert list_categories("mvtec", tmp_path) == ["cable", "zipper"]
+    _mvtec_tree(tmp_path, "not_mvtec")  # other folders with the layout are read too, with a note (issue 10)
+    (tmp_path / "docs").mkdir()  # a folder without test/ is not a category
+    assert list_categories("mvtec", tmp_path) == ["cable", "not_mvtec", "zipper"]
+    assert "not one of the 15 official" in load_category("mvtec", tmp_path, "not_mvtec").notes[0]
     cat = load_category("mvtec", tmp_path, "cable")
+    assert cat.notes == []
     assert cat.defect_types == ["crack"] * 3 + ["good"] * 3 + ["scratch"] * 3
     assert cat.labels == [1, 1, 1, 0, 0, 0, 1, 1, 1]
     masks = ["000_mask.png", "001_mask.png", "002_mask.png"]

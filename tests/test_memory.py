@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from musc_fast import score_features
+from musc_fast.engine import score_pass
 from musc_fast.memory import (
     MemoryPlan,
     MemoryWarning,
@@ -16,7 +17,6 @@ from musc_fast.memory import (
     parse_bytes,
     plan_bank,
     plan_scoring,
-    score_pass,
 )
 from musc_fast.ops import mutual_scores
 from musc_fast.ops.msm import nearest_similarity_torch, pair_tasks

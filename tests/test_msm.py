@@ -119,3 +119,21 @@ def test_tensor_in_tensor_out():
     z = torch.from_numpy(unit_rows(6, 49, 8, np.random.default_rng()))
     out = mutual_scores(z)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float64 and out.shape == (6, 49)
+
+
+@pytest.mark.parametrize("c", [100, 1000, 1024])
+def test_bf16_split_product_within_twice_torch_fp32_error(c):
+    """The exact Triton mode's arithmetic (three bf16 parts, six products, fp32 sums; emulated in torch,
+    bf16 products being exact in fp32 as on the tensor cores) against float64: at most 2x the error of
+    torch's own fp32 matmul (TF32 off) on the same unit rows, at the paper's C."""
+    from musc_fast.ops.msm import bf16_split, split_product
+
+    z = torch.from_numpy(unit_rows(2, 196, c, np.random.default_rng()))
+    a, b = z[0], z[1]
+    parts = bf16_split(a)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (3, *a.shape)
+    assert (parts.double().sum(0) - a.double()).abs().max().item() <= 2.0 ** -24 * a.abs().max().item()
+    ref = a.double() @ b.double().T
+    err = (split_product(a, b.T).double() - ref).abs().max().item()
+    torch_err = ((a @ b.T).double() - ref).abs().max().item()
+    assert err <= 2 * torch_err, (err, torch_err)

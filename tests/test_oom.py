@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from musc_fast import memory as mem
 from musc_fast import score_features
 from musc_fast.memory import MemoryPlan, MemoryWarning, OomRetry
 from musc_fast.ops import boxgram, msm
@@ -114,8 +113,8 @@ def test_oom_everywhere_gives_up_after_the_ladder(layers, cls, monkeypatch):
         calls.append(1)
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr("musc_fast.pipeline.mutual_scores_multi", always)
-    monkeypatch.setattr(mem, "score_pass", always)
+    monkeypatch.setattr("musc_fast.engine.run_onegram", always)
+    monkeypatch.setattr("musc_fast.engine.run_msm", always)
     with warnings.catch_warnings(record=True) as caught, pytest.raises(torch.OutOfMemoryError):
         warnings.simplefilter("always")
         _score(layers, cls)

@@ -9,6 +9,9 @@ requested layers and one image-level token, from ONE forward pass:
 L = G * G patches in row-major grid order, CLS/register tokens removed. ``forward(images,
 need_cls=False)`` stops after the deepest tapped layer and returns ``cls=None`` (the image token is
 defined after the last block, so it needs the full depth).
+
+The built-in backbones (``clip``, ``cnn``, ``dino``) register themselves when ``musc_fast.backbones``'s
+``__init__`` imports them, which Python runs before this module is reachable.
 """
 from __future__ import annotations
 
@@ -122,13 +125,7 @@ def register_backbone(*names: str) -> Callable[[BuilderFn], BuilderFn]:
 
 def available() -> list[str]:
     """Registered backbone names."""
-    _import_builtin_backbones()
     return sorted(_REGISTRY)
-
-
-def _import_builtin_backbones() -> None:
-    # Importing the modules runs their @register_backbone decorators.
-    from . import clip, cnn, dino  # noqa: F401
 
 
 def build_backbone(
@@ -144,7 +141,6 @@ def build_backbone(
     dtype: torch.dtype = torch.float32,
 ) -> Backbone:
     """Build a registered backbone, in eval mode, on ``device`` in ``dtype``."""
-    _import_builtin_backbones()
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(sorted(_REGISTRY))}")
     model = _REGISTRY[name](

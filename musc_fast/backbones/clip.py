@@ -21,13 +21,15 @@ Registered names: ViT-B-32, ViT-B-16, ViT-B-16-plus-240, ViT-L-14, ViT-L-14-336.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import attend
 from .base import CLIP_PREPROCESS, Backbone, BackboneOutput, check_layers, register_backbone
-from .weights import load_weights, pos_embed_adapter
+from .weights import load_weights, pos_embed_adapter, register_hub_repo
 
 # Model -> pretrained tags the original supports (SPEC 1.3).
 CLIP_TAGS: dict[str, tuple[str, ...]] = {
@@ -37,6 +39,22 @@ CLIP_TAGS: dict[str, tuple[str, ...]] = {
     "ViT-L-14": ("openai", "laion400m_e31", "laion400m_e32"),
     "ViT-L-14-336": ("openai",),
 }
+
+
+def _hub_repo(backbone: str, pretrained: str) -> str | None:
+    """The Hugging Face repo open_clip downloads ``backbone``/``pretrained`` from (None: unknown)."""
+    try:
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(backbone, pretrained) or {}
+    except Exception:  # open_clip missing or tag unknown: the builder reports that itself
+        return None
+    hub = cfg.get("hf_hub", "")
+    return os.path.split(hub)[0] or None if hub else None
+
+
+register_hub_repo(CLIP_TAGS, _hub_repo)
+
 # open_clip vision_cfg keys this module knows how to build; anything else would change the network.
 _SUPPORTED_VISION_KEYS = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio"}
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .base import IMAGENET_PREPROCESS, Backbone, BackboneOutput, check_layers, register_backbone
-from .weights import load_weights, pos_embed_adapter
+from .weights import load_weights, pos_embed_adapter, register_hub_repo
 
 # Positional-embedding resize offset used by DINO v1 and DINOv2's interpolate_pos_encoding.
 DINO_POS_OFFSET = 0.1
@@ -49,6 +49,8 @@ DINO_MODELS: dict[str, DinoSpec] = {
     "dinov2_vitb14": DinoSpec("vit_base_patch14_dinov2", "lvd142m", 14, False),
     "dinov2_vitl14": DinoSpec("vit_large_patch14_dinov2", "lvd142m", 14, False),
 }
+register_hub_repo(DINO_MODELS, lambda backbone, pretrained:  # timm's repo: one tag per model
+                  f"timm/{DINO_MODELS[backbone].arch}.{DINO_MODELS[backbone].tag}")
 
 
 def compat_tap_blocks(layers: tuple[int, ...], depth: int, v1: bool, compat: bool) -> tuple[int, ...]:

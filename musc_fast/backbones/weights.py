@@ -18,6 +18,7 @@ given module:
 """
 from __future__ import annotations
 
+import os
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -57,6 +58,26 @@ def _unwrap(obj: object, path: Path) -> StateDict:
     raise ValueError(f"{path}: expected a state dict (names -> tensors), got {type(obj).__name__}")
 
 
+def unreadable_weights_message(path: Path, exc: BaseException) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refuses. Torch's own text advises
+    ``weights_only=False``, which would run the file's pickled code: not repeated here."""
+    text = str(exc)
+    detail = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text else ""
+    detail = next((line.strip() for line in detail.splitlines() if line.strip()), "")
+    detail = detail.split(" was not an allowed global", 1)[0]  # drop torch's allowlisting advice too
+    if "Unsupported global" in text:
+        why = f"it is not a plain state dict (names -> tensors only): it pickles Python objects ({detail})"
+    elif detail:
+        why = f"it is not a plain state dict (names -> tensors only), perhaps not a torch file at all ({detail})"
+    else:
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        why = f"it is not a torch weights file ({first})"
+    return (f"{path}: torch.load(weights_only=True) cannot read it safely: {why}. To convert it, load it "
+            "yourself only in a trusted environment and save just the tensors, e.g. "
+            "torch.save(model.state_dict(), 'plain.pt') "
+            "or safetensors.torch.save_file(model.state_dict(), 'plain.safetensors'), then pass that file")
+
+
 def read_state_dict(path: str | Path) -> StateDict:
     """Read a weights file into ``{name: tensor}`` on the CPU.
 
@@ -83,7 +104,7 @@ def read_state_dict(path: str | Path) -> StateDict:
     try:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # the pickle holds non-tensor objects, or is not a torch file at all
-        raise ValueError(f"{p}: could not read tensors with torch.load(weights_only=True): {exc}") from exc
+        raise ValueError(unreadable_weights_message(p, exc)) from exc
     return _unwrap(obj, p)
 
 
@@ -231,3 +252,90 @@ def pos_embed_adapter(key: str, grid: int, *, offset: float = 0.0):
         return sd
 
     return adapt
+
+
+# --- offline: fail fast instead of waiting for the hub's retries -------------------------------------
+HUB_HOST = "huggingface.co"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def hub_offline_by_env() -> bool:
+    """Whether the user asked for Hugging Face's offline mode (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``)."""
+    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(host: str = HUB_HOST, timeout: float = 2.0) -> bool:
+    """One TCP connection to ``host``:443 within ``timeout`` seconds (no request is sent)."""
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# Backbone name -> fn(backbone, pretrained) giving the Hugging Face repo its weights are downloaded
+# from (or None). Filled by the backbone modules that download (dino.py, clip.py), so that this module,
+# which they import, imports none of them.
+_HUB_REPOS: dict[str, Callable[[str, str], str | None]] = {}
+
+
+def register_hub_repo(names: Iterable[str], repo_of: Callable[[str, str], str | None]) -> None:
+    """Declare where the weights of the backbones ``names`` come from (``repo_of(backbone, pretrained)``)."""
+    for n in names:
+        _HUB_REPOS[n] = repo_of
+
+
+def hub_repo_for(backbone: str, pretrained: str) -> str | None:
+    """The Hugging Face repo the normal download path fetches ``backbone``/``pretrained`` from, or None
+    for backbones whose weights are not downloaded (e.g. efficientnet_lite0's pip package)."""
+    repo_of = _HUB_REPOS.get(backbone)
+    return None if repo_of is None else repo_of(backbone, pretrained)
+
+
+def hub_cached(repo: str) -> bool:
+    """Whether the local Hugging Face cache holds a weights file of ``repo`` (any snapshot)."""
+    try:
+        from huggingface_hub import constants
+
+        cache = Path(constants.HF_HUB_CACHE)
+    except Exception:
+        cache = Path(os.environ.get("HF_HUB_CACHE") or Path.home() / ".cache" / "huggingface" / "hub")
+    snapshots = cache / ("models--" + repo.replace("/", "--")) / "snapshots"
+    suffixes = (".safetensors", ".bin", ".pt", ".pth")
+    return snapshots.is_dir() and any(p.suffix in suffixes for p in snapshots.rglob("*"))
+
+
+def use_hub_offline_mode() -> None:
+    """Make huggingface_hub take cached files at once instead of retrying the network."""
+    import sys
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # read at import time: set the live value too
+        constants.HF_HUB_OFFLINE = True
+
+
+def check_download_possible(backbone: str, pretrained: str | None, weights: str | None, *,
+                            probe: Callable[[], bool] | None = None) -> None:
+    """Raise ValueError (one line) when ``backbone``'s weights would be downloaded but cannot be: offline
+    (``HF_HUB_OFFLINE`` set, or ``probe()`` false, default ``hub_reachable``: no connection to the hub
+    within ~2 s) and not in the local cache. Probes only when a download would happen (no ``weights``
+    file, a ``pretrained`` tag, a backbone fetched from the hub). Offline with the weights cached:
+    switches huggingface_hub to offline mode so that the cached copy is used without retries."""
+    if weights is not None or pretrained is None:
+        return
+    repo = hub_repo_for(backbone, pretrained)
+    if repo is None:
+        return
+    offline = hub_offline_by_env() or not (probe or hub_reachable)()
+    if not offline:
+        return
+    if hub_cached(repo):
+        use_hub_offline_mode()
+        return
+    why = "HF_HUB_OFFLINE is set" if hub_offline_by_env() else f"{HUB_HOST} cannot be reached"
+    raise ValueError(f"{backbone}/{pretrained} weights must be downloaded from {HUB_HOST} ({repo}) but {why} and "
+                     "they are not in the local cache; offline, use --backbone efficientnet_lite0 (weights from "
+                     "a pip package) or --weights PATH (a local weights file)")

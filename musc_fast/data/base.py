@@ -9,8 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-# Accepted image suffixes, compared lower-cased (".PNG", ".JPG" are fine).
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# Accepted image suffixes, compared lower-cased (".PNG", ".JPG" are fine). GIF: the first frame is read.
+# Other files in an image folder are not read and are listed in ``Category.left_out``.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+
+# Test-folder names that mean "normal" in every MVTec-style reader, compared case-insensitively
+# ("good", "Good", "OK", ...); any other type folder is defective.
+NORMAL_TYPES: frozenset[str] = frozenset({"good", "ok", "normal"})
 
 # Mask binarisation rules after the bilinear resize (SPEC 7): "eq1" keeps only pixels that are
 # exactly 1.0 (the original's int cast, MVTec/BTAD), "gt0" keeps every pixel > 0 (VisA).
@@ -70,6 +75,10 @@ class Category:
         mask_rule: "eq1" or "gt0", see ``MASK_RULES``.
         has_labels: False for a plain folder of images: every ``label`` is ``UNLABELED`` and only
             scores and maps can be produced (no metrics).
+        left_out: files found in the image folders that are not read, -> why (e.g. an unsupported
+            suffix); see ``input_notes``.
+        notes: the reader's remarks on how it read the category (e.g. a folder that is not an official
+            category name of the data set); see ``input_notes``.
     """
 
     name: str
@@ -79,6 +88,8 @@ class Category:
     has_masks: bool = False
     mask_rule: str = "eq1"
     has_labels: bool = True
+    left_out: dict[Path, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mask_rule not in MASK_RULES:
@@ -105,14 +116,43 @@ class Category:
         return [s.defect_type for s in self.samples]
 
 
+    def input_notes(self, examples: int = 3) -> list[str]:
+        """One-line remarks for the user: ``notes``, then one line summing up ``left_out`` (counts per
+        reason, the first few files)."""
+        lines = list(self.notes)
+        if self.left_out:
+            counts: dict[str, int] = {}
+            for why in self.left_out.values():
+                counts[why] = counts.get(why, 0) + 1
+            first = ", ".join(str(p) for p in list(self.left_out)[:examples])
+            more = ", ..." if len(self.left_out) > examples else ""
+            lines.append(f"category {self.name!r}: {len(self.left_out)} file(s) not read: "
+                         + "; ".join(f"{n} {why}" for why, n in counts.items()) + f" (e.g. {first}{more})")
+        return lines
+
+
+def is_normal_type(name: str) -> bool:
+    """Whether a test-folder name means normal images (``NORMAL_TYPES``, any case)."""
+    return name.lower() in NORMAL_TYPES
+
+
 def is_image(path: Path) -> bool:
     """A regular, non-hidden file with an accepted image suffix."""
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by file name (the original's ``sorted(listdir)``)."""
-    return sorted((p for p in folder.iterdir() if is_image(p)), key=lambda p: p.name)
+def list_images(folder: Path, left_out: dict[Path, str] | None = None) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by file name (the original's ``sorted(listdir)``).
+
+    ``left_out``, when given, receives the other non-hidden regular files of ``folder`` -> why they
+    are not read (their suffix is not in ``IMAGE_EXTENSIONS``)."""
+    images = []
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if is_image(p):
+            images.append(p)
+        elif left_out is not None and not p.name.startswith(".") and p.is_file():
+            left_out[p] = f"with suffix {p.suffix.lower() or '(none)'} (not a supported image type)"
+    return images
 
 
 def list_subdirs(folder: Path) -> list[str]:

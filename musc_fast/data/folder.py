@@ -13,11 +13,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import UNLABELED, Category, DatasetError, Sample, is_image, list_images, list_subdirs
+from .base import (
+    NORMAL_TYPES,  # noqa: F401 - re-exported (viz imports it from here)
+    UNLABELED,
+    Category,
+    DatasetError,
+    Sample,
+    is_image,
+    is_normal_type,
+    list_images,
+    list_subdirs,
+)
 from .registry import Reader, register_reader
 from .tree import read_mvtec_tree
-
-NORMAL_TYPES = frozenset({"good", "ok", "normal"})
 
 
 def _has_images(folder: Path) -> bool:
@@ -40,13 +48,14 @@ class FolderReader(Reader):
             cat_dir = root
         if not cat_dir.is_dir():
             raise DatasetError(f"{cat_dir}: folder category {category!r} not found (expected a folder)")
+        left_out: dict[Path, str] = {}
         if (cat_dir / "test").is_dir():
             samples, has_masks = read_mvtec_tree(
-                cat_dir, is_normal=lambda t: t.lower() in NORMAL_TYPES, mask_suffixes=("_mask", "")
+                cat_dir, is_normal=is_normal_type, mask_suffixes=("_mask", ""), left_out=left_out
             )
-            return Category(category, cat_dir, self.name, samples, has_masks, "eq1")
-        images = list_images(cat_dir)
+            return Category(category, cat_dir, self.name, samples, has_masks, "eq1", left_out=left_out)
+        images = list_images(cat_dir, left_out)
         if not images:
             raise DatasetError(f"{cat_dir}: no images found (expected test/<type>/ folders or image files)")
         samples = [Sample(p, UNLABELED, p.parent.name, None) for p in images]
-        return Category(category, cat_dir, self.name, samples, has_masks=False, has_labels=False)
+        return Category(category, cat_dir, self.name, samples, has_masks=False, has_labels=False, left_out=left_out)

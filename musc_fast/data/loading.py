@@ -7,6 +7,7 @@ worker count): worker processes decode and resize, batches travel through shared
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -17,8 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..backbones.base import Preprocess
-from .base import MASK_RULES, DatasetError, UnreadableImageError
-from .transforms import INTERPOLATIONS, load_mask, preprocess_image
+from .base import MASK_RULES, Category, DatasetError, UnreadableImageError
+from .transforms import INTERPOLATIONS, binarise_mask, load_mask, preprocess_image, upright_size
 
 
 def default_num_workers() -> int:
@@ -86,15 +87,40 @@ class _DecodeImage:
 
     def __call__(self, path: str | Path | None) -> tuple[torch.Tensor, tuple[int, int]]:
         with Image.open(path) as img:
-            return preprocess_image(img, self.size, self.pp), img.size
+            return preprocess_image(img, self.size, self.pp), upright_size(img)
 
 
 class _DecodeMask:
-    def __init__(self, size: int, rule: str):
-        self.size, self.rule = size, rule
+    def __init__(self, size: int, rule: str, threshold: int | None = 0):
+        self.size, self.rule, self.threshold = size, rule, threshold
 
     def __call__(self, path: str | Path | None) -> torch.Tensor:
-        return load_mask(path, self.size, self.rule)
+        return load_mask(path, self.size, self.rule, self.threshold)
+
+
+class _DecodeMaskSized:
+    """A mask path -> (mask [S, S] bool, mask (w, h), its image's (w, h)); sizes are upright, (0, 0)
+    for no mask. The image's size comes from its header only."""
+
+    def __init__(self, size: int, rule: str, threshold: int | None, image_of: dict[str, str]):
+        self.size, self.rule, self.threshold, self.image_of = size, rule, threshold, image_of
+
+    def __call__(self, path: str | Path | None) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        if path is None:
+            return torch.zeros(self.size, self.size, dtype=torch.bool), (0, 0), (0, 0)
+        with Image.open(path) as m:
+            msize = upright_size(m)
+            mask = torch.from_numpy(binarise_mask(m, self.size, self.rule, self.threshold))
+        with Image.open(self.image_of[str(path)]) as img:
+            isize = upright_size(img)
+        return mask, msize, isize
+
+
+def _collate_sized(items: list) -> tuple[torch.Tensor, list, list] | _Failure:
+    for x in items:
+        if isinstance(x, _Failure):
+            return x
+    return torch.stack([x[0] for x in items]), [x[1] for x in items], [x[2] for x in items]
 
 
 def _iter_loader(
@@ -236,13 +262,103 @@ def load_masks(
     num_workers: int | None = None,
     progress: bool = True,
     batch_size: int = 16,
+    threshold: int | None = 0,
 ) -> torch.Tensor:
-    """Ground-truth masks (``load_mask``; None -> all False) in order: ``[N, S, S]`` bool."""
+    """Ground-truth masks (``load_mask``; None -> all False) in order: ``[N, S, S]`` bool. Without the
+    size and empty-mask checks of ``load_category_masks``."""
     if rule not in MASK_RULES:
         raise ValueError(f"unknown mask rule {rule!r}; valid: {', '.join(MASK_RULES)}")
+    _check_threshold(threshold)
     if len(paths) == 0:
         return torch.empty(0, size, size, dtype=torch.bool)
     return torch.cat(list(_iter_batches(
-        paths, _DecodeMask(size, rule), batch_size=batch_size, num_workers=num_workers, progress=progress,
+        paths, _DecodeMask(size, rule, threshold), batch_size=batch_size, num_workers=num_workers, progress=progress,
         desc="masks",
     )))
+
+
+def _check_threshold(threshold: int | None) -> None:
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int)
+                                  or not 0 <= threshold <= 254):
+        raise ValueError(f"mask_threshold must be an integer in 0..254 or None (the original's rule), "
+                         f"got {threshold!r}")
+
+
+def _size_line(mask: Path, msize: tuple[int, int], image: Path, isize: tuple[int, int]) -> str:
+    return f"{mask} is {msize[0]}x{msize[1]} but its image {image.name} is {isize[0]}x{isize[1]}"
+
+
+def mask_size_mismatches(category: Category) -> list[str]:
+    """One line per mask whose (upright) size differs from its image's, read from the file headers
+    only (no pixels are decoded). The loaders resize such masks to S x S like any other, which
+    stretches them if the aspect ratios differ; ``run --strict`` refuses them with this list."""
+    out = []
+    for s in category.samples:
+        if s.mask_path is None:
+            continue
+        with Image.open(s.mask_path) as m, Image.open(s.path) as img:
+            msize, isize = upright_size(m), upright_size(img)
+        if msize != isize:
+            out.append(_size_line(s.mask_path, msize, s.path, isize))
+    return out
+
+
+def check_mask_sizes(category: Category) -> None:
+    """DatasetError (one line, the first mask and how many) if any mask's size differs from its image's
+    (``mask_size_mismatches``); what ``run --strict`` checks before any scoring."""
+    bad = mask_size_mismatches(category)
+    if bad:
+        raise DatasetError(f"{bad[0]} ({len(bad)} mask(s) of category {category.name!r} differ in size from their "
+                           "image; --strict refuses to resize them)")
+
+
+def load_category_masks(
+    category: Category,
+    size: int,
+    *,
+    threshold: int | None = 0,
+    num_workers: int | None = None,
+    progress: bool = True,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """The ground-truth masks of a category, ``[N, S, S]`` bool (``binarise_mask`` with the category's
+    rule and ``threshold``; normal images all False), with two ``InputWarning``s a user must see:
+
+    * masks whose size differs from their image's were resized (the first files named);
+    * the category has defective images with masks but not one defect pixel (masks saved too faint
+      for ``threshold``, or empty): its pixel metrics will be undefined.
+    """
+    from ..checks import InputWarning
+
+    if category.mask_rule not in MASK_RULES:
+        raise ValueError(f"unknown mask rule {category.mask_rule!r}; valid: {', '.join(MASK_RULES)}")
+    _check_threshold(threshold)
+    paths = category.mask_paths
+    if len(paths) == 0:
+        return torch.empty(0, size, size, dtype=torch.bool)
+    image_of = {str(s.mask_path): str(s.path) for s in category.samples if s.mask_path is not None}
+    masks, resized = [], []
+    done = 0
+    for batch in _iter_loader(paths, _DecodeMaskSized(size, category.mask_rule, threshold, image_of), _collate_sized,
+                              batch_size=batch_size, num_workers=num_workers, progress=progress, desc="masks"):
+        if isinstance(batch, _Failure):
+            raise DatasetError(batch.message)
+        m, msizes, isizes = batch
+        for k, (ms, isz) in enumerate(zip(msizes, isizes)):
+            if ms != isz:
+                s = category.samples[done + k]
+                resized.append(_size_line(s.mask_path, ms, s.path, isz))
+        done += len(m)
+        masks.append(m)
+    out = torch.cat(masks)
+    if resized:
+        warnings.warn(f"category {category.name!r}: {len(resized)} mask(s) differ in size from their image and were "
+                      f"resized to {size}x{size} (--strict refuses them): {'; '.join(resized[:3])}"
+                      + ("; ..." if len(resized) > 3 else ""), InputWarning, stacklevel=2)
+    n_masked = sum(1 for s in category.samples if s.label == 1 and s.mask_path is not None)
+    if n_masked and not bool(out.any()):
+        rule = "the original's rule" if threshold is None else f"pixel value > {threshold}"
+        warnings.warn(f"category {category.name!r}: none of the masks of its {n_masked} defective image(s) has a "
+                      f"defect pixel ({rule}, after resizing to {size}x{size}); its pixel metrics are undefined: "
+                      "check the masks (mask_threshold / --mask-threshold)", InputWarning, stacklevel=2)
+    return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Category, DatasetError, Sample, existing, list_images, list_subdirs, require_dir
+from .base import Category, DatasetError, Sample, existing, is_normal_type, list_images, list_subdirs, require_dir
 from .registry import Reader, register_reader
 from .tree import pair_masks
 
@@ -28,13 +28,14 @@ class MVTec3DReader(Reader):
         cat_dir = require_dir(root / category, f"mvtec3d category {category!r}")
         test_dir = require_dir(cat_dir / "test", "test split")
         types = list_subdirs(test_dir)
-        defect_types = [t for t in types if t != "good"]
+        defect_types = [t for t in types if not is_normal_type(t)]
         # Masks exist when any defect type has a gt folder; then every defect type needs one.
         has_masks = any((test_dir / t / "gt").is_dir() for t in defect_types)
         samples: list[Sample] = []
+        left_out: dict[Path, str] = {}
         for t in types:
-            images = list_images(require_dir(test_dir / t / "rgb", f"rgb images of test/{t}"))
-            if t == "good":
+            images = list_images(require_dir(test_dir / t / "rgb", f"rgb images of test/{t}"), left_out)
+            if is_normal_type(t):
                 samples.extend(Sample(p, 0, t, None) for p in images)
                 continue
             masks: list[Path | None] = [None] * len(images)
@@ -44,4 +45,4 @@ class MVTec3DReader(Reader):
             samples.extend(Sample(p, 1, t, m) for p, m in zip(images, masks, strict=True))
         if not samples:
             raise DatasetError(f"{test_dir}: no images found (expected png files in test/<type>/rgb/)")
-        return Category(category, cat_dir, self.name, samples, has_masks, "eq1")
+        return Category(category, cat_dir, self.name, samples, has_masks, "eq1", left_out=left_out)

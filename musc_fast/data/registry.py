@@ -2,7 +2,9 @@
 ``load_category``.
 
 A reader is a class with ``categories(root) -> list[str]`` and ``load(root, category) -> Category``;
-``@register_reader("name", ...)`` adds it. Readers see an existing root folder (checked here).
+``@register_reader("name", ...)`` adds it. Readers see an existing root folder (checked here). The
+built-in readers are imported (so registered) by ``musc_fast.data``'s ``__init__``, which Python runs
+before this module is reachable.
 """
 from __future__ import annotations
 
@@ -43,19 +45,12 @@ def register_reader(*names: str) -> Callable[[type[Reader]], type[Reader]]:
     return deco
 
 
-def _import_builtin_readers() -> None:
-    # Importing the modules runs their @register_reader decorators.
-    from . import btad, folder, mvtec, mvtec3d, synthetic, visa  # noqa: F401
-
-
 def available() -> list[str]:
     """Registered data-set names (aliases included)."""
-    _import_builtin_readers()
     return sorted(READERS)
 
 
 def get_reader(dataset: str) -> Reader:
-    _import_builtin_readers()
     if dataset not in READERS:
         raise DatasetError(f"unknown dataset {dataset!r}; valid datasets: {', '.join(sorted(READERS))}")
     return READERS[dataset]()

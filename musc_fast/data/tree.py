@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .base import DatasetError, Sample, list_images, list_subdirs, require_dir
+from .base import IMAGE_EXTENSIONS, DatasetError, Sample, is_image, list_images, list_subdirs, require_dir
 
-_EXT_HINT = "png/jpg/jpeg/bmp/tif/tiff"
+_EXT_HINT = "/".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
 
 
 def pair_masks(images: Sequence[Path], mask_dir: Path, suffixes: Sequence[str]) -> list[Path]:
@@ -53,8 +53,12 @@ def read_mvtec_tree(
     *,
     is_normal: Callable[[str], bool],
     mask_suffixes: Sequence[str],
+    left_out: dict[Path, str] | None = None,
 ) -> tuple[list[Sample], bool]:
     """Samples of ``cat_dir/test`` in order, and whether a ``ground_truth`` folder exists.
+
+    ``left_out``, when given, receives the files that are not read -> why: files of other types in
+    the ``test/<type>/`` folders, and images lying directly in ``test/`` (outside any type folder).
 
     Without ``ground_truth`` every mask is None (``has_masks`` False, no error). With it, every
     defective type folder needs its mask folder, and mask folders without a test folder are errors.
@@ -65,8 +69,12 @@ def read_mvtec_tree(
     has_masks = gt_dir.is_dir()
     types = list_subdirs(test_dir)
     samples: list[Sample] = []
+    if left_out is not None:
+        for p in sorted(test_dir.iterdir(), key=lambda p: p.name):
+            if is_image(p):
+                left_out[p] = "directly in test/ (images must be in a test/<type>/ folder)"
     for t in types:
-        images = list_images(test_dir / t)
+        images = list_images(test_dir / t, left_out)
         if is_normal(t):
             samples.extend(Sample(p, 0, t, None) for p in images)
             continue

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .base import Category, DatasetError, Sample, existing, require_dir
+from .base import Category, DatasetError, Sample, existing, is_normal_type, require_dir
 from .registry import Reader, register_reader
 from .tree import read_mvtec_tree
 
@@ -76,10 +76,11 @@ class VisAReader(Reader):
                 f"{root / _CSV}: VisA split file not found (expected raw VisA or visa_pytorch/1cls)"
             )
         cat_dir = require_dir(conv / category, f"visa category {category!r}")
+        left_out: dict[Path, str] = {}
         samples, has_masks = read_mvtec_tree(
-            cat_dir, is_normal=lambda t: t == "good", mask_suffixes=("", "_mask")
+            cat_dir, is_normal=is_normal_type, mask_suffixes=("", "_mask"), left_out=left_out
         )
-        return Category(category, cat_dir, self.name, samples, has_masks, "gt0")
+        return Category(category, cat_dir, self.name, samples, has_masks, "gt0", left_out=left_out)
 
     def _load_csv(self, root: Path, category: str) -> Category:
         csv_path = root / _CSV

@@ -11,14 +11,44 @@ process (tests switch the interpreter on), the module is re-imported so that the
 from __future__ import annotations
 
 import importlib
+import math
 import os
+
+import torch
 
 _TRUE = ("1", "true", "on", "yes")
 
 __all__ = [
-    "available", "faiss_available", "lnamd_triton", "nearest_similarity_triton", "interval_mean_triton",
-    "mutual_scores_triton", "nearest_similarity_multi_triton", "nearest_similarity_faiss",
+    "available", "faiss_available", "bf16_split", "grid_side", "lnamd_triton", "nearest_similarity_triton",
+    "interval_mean_triton", "mutual_scores_triton", "nearest_similarity_multi_triton", "nearest_similarity_faiss",
+    "cross_similarity_faiss",
 ]
+
+
+# ---- host-side helpers (pure torch): the kernels take grid side and norms as arguments, so nothing in
+# kernels/ imports from the layers above it; ops/ re-exports bf16_split for its torch emulation.
+
+
+def bf16_split(z: torch.Tensor, parts: int = 3) -> torch.Tensor:
+    """z (any float dtype) -> [parts, *z.shape] bfloat16 with z ~= sum of the parts (each the bf16 rounding
+    of what the previous parts leave; the residues are exact in fp32). Three parts carry 24 bits, fp32's
+    mantissa: the exact-mode Triton kernel multiplies them on bf16 tensor cores (kernels/mutual_min.py)."""
+    rest = z.float()
+    out = []
+    for _ in range(parts):
+        part = rest.to(torch.bfloat16)
+        out.append(part)
+        rest = rest - part.float()
+    return torch.stack(out)
+
+
+def grid_side(length: int, grid: int | None = None) -> int:
+    """G for L = G * G patches (``grid`` when the caller knows it); a non-square count is an error with
+    the same words as ``ops.lnamd.grid_of``."""
+    g = math.isqrt(length) if grid is None else int(grid)
+    if g * g != length:
+        raise ValueError(f"LNAMD needs a square patch grid, got L={length} tokens (not a square number)")
+    return g
 
 
 def _interpreting() -> bool:
@@ -67,10 +97,11 @@ def nearest_similarity_triton(z, *, precision: str = "fp32", **kwargs):
     return _module("mutual_min").nearest_similarity_triton(z, precision=precision, **kwargs)
 
 
-def nearest_similarity_multi_triton(x, r_list, *, precision: str = "fp32", **kwargs):
-    """LayerNorm'd x [N, L, C] -> sim [R, N, L, N] fp32 for every r from one Gram block per pair. See
-    ``kernels.boxgram``."""
-    return _module("boxgram").nearest_similarity_multi_triton(x, r_list, precision=precision, **kwargs)
+def nearest_similarity_multi_triton(x, r_list, *, inv_norms, precision: str = "fp32", **kwargs):
+    """LayerNorm'd x [N, L, C] + 1/||B_r x|| [R, N, L] -> sim [R, N, L, N] fp32 for every r from one Gram
+    block per pair. See ``kernels.boxgram``."""
+    return _module("boxgram").nearest_similarity_multi_triton(x, r_list, inv_norms=inv_norms, precision=precision,
+                                                              **kwargs)
 
 
 def interval_mean_triton(sim, k_min: int, k_max: int, **kwargs):
@@ -91,3 +122,10 @@ def nearest_similarity_faiss(z, **kwargs):
     from .faiss_nn import nearest_similarity_faiss as impl
 
     return impl(z, **kwargs)
+
+
+def cross_similarity_faiss(zq, zr):
+    """[b, L, C] x [m, L, C] -> [b, L, m] fp32 best inner products (one direction). See ``kernels.faiss_nn``."""
+    from .faiss_nn import cross_similarity_faiss as impl
+
+    return impl(zq, zr)

@@ -22,7 +22,8 @@ from triton.compiler import ASTSource
 
 # SASS opcodes counted, by family (REDG/ATOMG are the global-memory forms on sm_90).
 _COUNTED = {"HGMMA": ("HGMMA",), "HMMA": ("HMMA",), "FFMA": ("FFMA",), "LDL": ("LDL",), "STL": ("STL",),
-            "RED": ("RED", "REDG"), "ATOM": ("ATOM", "ATOMG"), "LDGSTS": ("LDGSTS",)}
+            "RED": ("RED", "REDG"), "ATOM": ("ATOM", "ATOMG"), "LDGSTS": ("LDGSTS",),
+            "SHFL": ("SHFL",), "BAR": ("BAR", "BAR.SYNC"), "WARPSYNC": ("WARPSYNC",)}
 
 
 def compile_kernel(fn, signature: dict, constexprs: dict, divisible: tuple[str, ...] = (), *,
@@ -30,7 +31,8 @@ def compile_kernel(fn, signature: dict, constexprs: dict, divisible: tuple[str, 
     """Compile ``fn`` (a triton.jit function) for CUDA ``capability`` and summarise the cubin.
 
     Returns:
-        dict with ``shared`` (bytes), ``regs``, ``stack`` (spill bytes per thread) and SASS opcode counts.
+        dict with ``shared`` (bytes), ``regs``, ``stack`` (spill bytes per thread), static SASS opcode counts
+        (``_COUNTED``: SHFL = warp shuffles, BAR = barriers) and ``instrs`` (all static SASS instructions).
     """
     if hasattr(fn, "fn") and not hasattr(fn, "arg_names"):  # an interpreter-mode wrapper
         raise RuntimeError("compile_kernel needs the compiled (non-interpreter) kernel")
@@ -54,23 +56,40 @@ def compile_kernel(fn, signature: dict, constexprs: dict, divisible: tuple[str, 
     opcodes = [o.split(".")[0] for o in
                re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M)]
     report.update({op: sum(o in _COUNTED[op] for o in opcodes) for op in _COUNTED})
+    # Static SASS size (padding NOPs after the final EXIT/BRA excluded): not a run-time count, but the
+    # before/after of a restructure shows in it (e.g. the epilogue's shuffles and barriers).
+    report["instrs"] = sum(o != "NOP" for o in opcodes)
+    # wgmma groups left in flight at the waits (WARPGROUP.DEPBAR.LE gsb0, N): 0 = each K step's products
+    # are waited for before the next loads are issued, 1 = one group overlaps the next step's issue.
+    report["wgmma_inflight"] = max((int(n, 16) for n in re.findall(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)",
+                                                                   sass)), default=0)
     return report
 
 
-def mutual_min_report(precision: str, config=None) -> dict:
-    """sm_90 build of the mutual-min kernel at its GPU default config (C a multiple of 16)."""
+def mutual_min_report(precision: str, config=None, flatten: bool | None = None) -> dict:
+    """sm_90 build of the mutual-min kernel at its GPU default config (C padded to BLOCK_K, as the wrapper);
+    ``flatten`` overrides the config's loop form (True: one pipelined loop over column tiles and K)."""
     from . import mutual_min as mm
 
     cfg = config or mm._DEFAULTS[precision]
-    ptr = "*bf16" if precision == "bf16" else "*fp16" if precision == "fp16" else "*fp32"
-    sig = {"z_ptr": ptr, "sim_ptr": "*fp32", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "n_img": "i32",
-           "length": "i32", "chans": "i32", "n_pairs": "i32", "n_items": "i32", "n_progs": "i32",
-           "BLOCK_M": "", "BLOCK_N": "", "BLOCK_K": "", "EVEN_K": "", "INPUT_PRECISION": "", "UPCAST": ""}
-    consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "EVEN_K": True,
-              "INPUT_PRECISION": mm._PRECISIONS[precision], "UPCAST": False}
+    dtype = mm._OPERAND_DTYPE[precision]
+    ptr = "*bf16" if dtype == torch_dtype("bfloat16") else "*fp16" if dtype == torch_dtype("float16") else "*fp32"
+    sig = {"z_ptr": ptr, "sim_ptr": "*fp32", "pair_i_ptr": "*i32", "pair_j_ptr": "*i32", "counter_ptr": "*i32",
+           "n_img": "i32", "length": "i32", "chans": "i32", "n_pairs": "i32", "n_items": "i32",
+           "split_stride": "i32", "BLOCK_M": "", "BLOCK_N": "", "BLOCK_K": "", "INPUT_PRECISION": "",
+           "UPCAST": "", "SPLIT": "", "FLATTEN": ""}
+    consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+              "INPUT_PRECISION": mm._PRECISIONS[precision], "UPCAST": False, "SPLIT": mm._SPLIT.get(precision, 1),
+              "FLATTEN": cfg.flatten if flatten is None else flatten}
     return compile_kernel(mm._mutual_min_kernel, sig, consts,
-                          ("z_ptr", "sim_ptr", "pair_i_ptr", "pair_j_ptr", "chans"),
+                          ("z_ptr", "sim_ptr", "pair_i_ptr", "pair_j_ptr", "chans", "split_stride"),
                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
 
 
 def interval_mean_report(n_img: int = 200) -> dict:
@@ -110,7 +129,7 @@ def boxgram_report(precision: str, chans: int = 1024, r_list=(1, 3, 5)) -> dict:
     from . import boxgram
 
     reports = preflight([lambda: boxgram.nearest_similarity_multi_triton(
-        torch.zeros(2, 1369, chans), r_list, precision=precision)])
+        torch.zeros(2, 1369, chans), r_list, inv_norms=torch.ones(len(r_list), 2, 1369), precision=precision)])
     names = {"_gram_kernel": "gram", "_box_rows_kernel": "box_rows"}
     return {names.get(r["kernel"], f"box_cols_r{r['constexprs'].get('R')}"): r for r in reports}
 
@@ -190,13 +209,14 @@ def default_preflight_calls():
     from .boxgram import BoxGramConfig
     from .mutual_min import MutualMinConfig
 
-    small = MutualMinConfig(16, 32, 16)
+    small = MutualMinConfig(16, 32, 16, num_stages=2)  # tests/kernel_cases.SMALL
     calls = []
     for n, length, c, cfg, precs in [
         (2, 49, 24, None, ("fp32",)), (5, 49, 37, small, ("fp32", "bf16", "fp16")),
         (3, 16, 16, None, ("fp32",)), (4, 9, 64, small, ("fp32",)),
         (12, 1369, 1024, None, ("fp32", "bf16", "tf32", "fp16")), (7, 1369, 24, None, ("fp32",)),
-        (200, 1369, 1024, None, ("fp32", "bf16")),
+        (200, 1369, 1024, None, ("fp32", "bf16", "fp32-ieee")), (4, 1369, 1000, None, ("bf16", "fp16", "fp32")),
+        (4, 1369, 100, None, ("fp32", "fp32-ieee")),
     ]:
         for prec in precs:
             calls.append(lambda n=n, length=length, c=c, cfg=cfg, prec=prec: nearest_similarity_triton(
@@ -206,6 +226,12 @@ def default_preflight_calls():
         calls.append(lambda n=n, a=k_min, b=k_max: interval_mean_triton(torch.zeros(n, 9, n), a, b))
     calls.append(lambda: interval_mean_triton(torch.zeros(3, 6, 16, 6), 1, 3,
                                               out=torch.zeros(6, 16), accumulate=True))
+    # The pipeline's form (several passes summed into a float64 running sum) at every BLOCK_C up to N=1000:
+    # ACCUMULATE changes the register allocation (the 8-byte stack of a 64 x 16 block showed only there).
+    for n in (3, 5, 9, 12, 17, 24, 33, 48, 65, 100, 129, 200, 257, 513, 1000):
+        calls.append(lambda n=n: interval_mean_triton(
+            torch.zeros(12, n, 9, n, device="meta"), 0, max(1, (3 * (n - 1)) // 10),
+            out=torch.zeros(n, 9, dtype=torch.float64, device="meta"), accumulate=True))
     for shape, r_list, dtype, out_dtype, bp in [
         ((2, 49, 24), [1, 3, 5], torch.float32, torch.float32, None),
         ((3, 25, 37), [7], torch.float32, torch.float32, None),
@@ -229,6 +255,7 @@ def default_preflight_calls():
         for prec in precs:
             calls.append(lambda n=n, length=length, c=c, r_list=r_list, cfg=cfg, prec=prec:
                          nearest_similarity_multi_triton(torch.zeros(n, length, c), r_list, precision=prec,
+                                                         inv_norms=torch.ones(len(r_list), n, length),
                                                          config=cfg))
     return calls
 

@@ -50,24 +50,32 @@ import torch
 import triton
 import triton.language as tl
 
+from . import bf16_split, grid_side
 from ._common import check_device, interpreting, next_pow2
+
+DEFAULT_BLOCK_ELEMS = 1 << 24  # the same default as ops.msm.DEFAULT_BLOCK_ELEMS (64 MiB of fp32)
 
 INTERPRETED = interpreting()  # how this module's kernels were decorated (see kernels._module)
 MAX_R_PER_LAUNCH = 4  # degrees r > 1 filtered together by kernel 2
 
-_OPERAND_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_GRAM_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}
+# "fp32": exact, tokens split into three bf16 parts on the tensor cores; "fp32-ieee": exact on the FMA units.
+_OPERAND_DTYPE = {"fp32": torch.bfloat16, "fp32-ieee": torch.float32, "bf16": torch.bfloat16,
+                  "fp16": torch.float16}
+_SPLIT = {"fp32": 3}
+_GRAM_DTYPE = {"fp32": torch.float32, "fp32-ieee": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}
+MAX_GRID = 2 ** 31 - 1  # 1-D grid limit (CUDA) and the kernels' int32 program ids
 
 
 @triton.jit
 def _gram_kernel(
     x_ptr, gram_ptr, inv_ptr, sim_ptr, pair_i_ptr, pair_j_ptr,
-    n_img, length, chans, ld,
+    n_img, length, chans, ld, split_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, HAS_R1: tl.constexpr, STORE_GRAM: tl.constexpr,
-    ROUND_BY_HAND: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    """x [N, L, C] fp32/bf16/fp16, C a multiple of BLOCK_K (the wrapper zero-pads); gram [m, L, ld]
+    """x [SPLIT, N, L, C] fp32/bf16/fp16, C a multiple of BLOCK_K (the wrapper zero-pads); SPLIT = 3: the
+    bf16 parts of fp32 tokens (exact mode on tensor cores, as kernels/mutual_min.py); gram [m, L, ld]
     scratch (pair slot m); inv [N, L] fp32 = 1/||x||; sim [N, L, N] fp32 (the r = 1 table, -inf filled);
     pair_i/pair_j [m] int32. 1-D grid: slot-major."""
     pid = tl.program_id(0)
@@ -87,6 +95,7 @@ def _gram_kernel(
     xi = x_ptr + i.to(tl.int64) * length * chans
     xj = x_ptr + j.to(tl.int64) * length * chans
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_N] if SPLIT == 3 else [16, 16], dtype=tl.float32)
     for k0 in range(0, chans, BLOCK_K):
         ks = k0 + offs_k
         a_ptrs = xi + rows[:, None] * chans + ks[None, :]
@@ -96,7 +105,24 @@ def _gram_kernel(
         if UPCAST:  # interpreter only: its dot multiplies 16-bit bit patterns as integers (exact in fp32)
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        if SPLIT == 3:  # cross terms of the bf16 parts into their own (small) accumulator
+            a1 = tl.load(a_ptrs + split_stride, mask=row_ok[:, None], other=0.0)
+            b1 = tl.load(b_ptrs + split_stride, mask=col_ok[None, :], other=0.0)
+            a2 = tl.load(a_ptrs + 2 * split_stride, mask=row_ok[:, None], other=0.0)
+            b2 = tl.load(b_ptrs + 2 * split_stride, mask=col_ok[None, :], other=0.0)
+            if UPCAST:
+                a1 = a1.to(tl.float32)
+                b1 = b1.to(tl.float32)
+                a2 = a2.to(tl.float32)
+                b2 = b2.to(tl.float32)
+            acc_lo = tl.dot(a2, b, acc_lo)
+            acc_lo = tl.dot(a1, b1, acc_lo)
+            acc_lo = tl.dot(a, b2, acc_lo)
+            acc_lo = tl.dot(a1, b, acc_lo)
+            acc_lo = tl.dot(a, b1, acc_lo)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if SPLIT == 3:
+        acc = acc + acc_lo
     both_ok = row_ok[:, None] & col_ok[None, :]
     if STORE_GRAM:
         g_ptrs = gram_ptr + slot.to(tl.int64) * length * ld + rows[:, None] * ld + cols[None, :]
@@ -269,7 +295,8 @@ class BoxGramConfig:
 _DEFAULTS = {
     "bf16": BoxGramConfig(128, 128, 64, num_warps=8, num_stages=3),
     "fp16": BoxGramConfig(128, 128, 64, num_warps=8, num_stages=3),
-    "fp32": BoxGramConfig(64, 64, 32, num_warps=4, num_stages=3),
+    "fp32": BoxGramConfig(128, 64, 32, num_warps=8, num_stages=3),
+    "fp32-ieee": BoxGramConfig(64, 64, 32, num_warps=4, num_stages=3),
 }
 
 
@@ -291,32 +318,44 @@ def chunk_pairs(n_pairs: int, length: int, n_filtered: int, block_elems: int) ->
     return max(1, min(n_pairs, 4 * block_elems // per_pair))
 
 
+def max_chunk(length: int, ld: int, cfg: BoxGramConfig) -> int:
+    """Most pairs per chunk whose grids (pairs x tiles) stay within int32 program ids: with r = 1 alone
+    there is no scratch and a chunk would otherwise hold every pair
+    (2**31 at N ~ 3000, L = 1369, 64 x 64 tiles; N ~ 4200 at 128 x 64)."""
+    tiles = max(triton.cdiv(length, cfg.block_m) * triton.cdiv(length, cfg.block_n),
+                triton.cdiv(length, cfg.rows_p) * triton.cdiv(ld, cfg.rows_q),
+                triton.cdiv(length, cfg.cols_q) * triton.cdiv(length, cfg.cols_p))
+    return max(1, MAX_GRID // tiles)
+
+
 def _lead(length: int) -> int:
     return -(-length // 16) * 16  # rows of the scratch 64-byte aligned (fp32), 16-byte vector loads
 
 
-def nearest_similarity_multi_triton(x: torch.Tensor, r_list, *, precision: str = "fp32",
-                                    block_elems: int | None = None,
-                                    config: BoxGramConfig | None = None) -> torch.Tensor:
+def nearest_similarity_multi_triton(x: torch.Tensor, r_list, *, inv_norms: torch.Tensor, grid: int | None = None,
+                                    precision: str = "fp32", block_elems: int | None = None,
+                                    config: BoxGramConfig | None = None, pairs=None) -> torch.Tensor:
     """Nearest-patch similarities of every degree r from one Gram block per pair of images.
 
     Args:
         x: [N, L, C] LayerNorm'd tokens of one layer (``ops.lnamd.layer_norm_chw``), any float dtype;
             L = G * G row-major.
         r_list: odd degrees >= 1 (repeats allowed).
-        precision: ``"fp32"`` (exact: fp32 operands, TF32 off), ``"bf16"``/``"fp16"`` (16-bit tensor-core
+        inv_norms: [R, N, L] float32, 1 / ||B_r x(p)|| per r of ``r_list`` (B_r the r x r box MEAN;
+            ``ops.boxgram.box_inverse_norms``): the kernels take the norms, they do not compute box means.
+        grid: G (default sqrt(L)).
+        precision: ``"fp32"`` (exact: three bf16 parts per value, six tensor-core products, fp32
+            accumulation), ``"fp32-ieee"`` (exact on the FMA units), ``"bf16"``/``"fp16"`` (16-bit tensor-core
             operands, fp32 accumulation; see the module docstring for the scratch dtype).
-        block_elems: memory knob (``ops.msm.DEFAULT_BLOCK_ELEMS`` by default): the scratch of a chunk of
-            pairs holds at most 4 * block_elems values.
+        block_elems: memory knob (default 2**24, as ``ops.msm.DEFAULT_BLOCK_ELEMS``): the scratch of a chunk
+            of pairs holds at most 4 * block_elems values.
         config: launch parameters (default per precision).
+        pairs: optional work list (``mutual_min.as_pairs``) instead of every i < j; the rest stays -inf.
     Returns:
         sim: [R, N, L, N] float32, ``sim[k, i, p, j] = max_q s_{r_k}(p, q)`` for j != i, -inf for j == i;
         equal to ``ops.boxgram.nearest_similarity_multi_torch``.
     """
-    from ..ops.boxgram import box_inverse_norms
-    from ..ops.lnamd import grid_of
-    from ..ops.msm import DEFAULT_BLOCK_ELEMS
-    from .mutual_min import pair_table
+    from .mutual_min import as_pairs, pair_table
 
     if precision not in _OPERAND_DTYPE:
         raise ValueError(f"precision must be one of {sorted(_OPERAND_DTYPE)}, got {precision!r}")
@@ -327,22 +366,28 @@ def nearest_similarity_multi_triton(x: torch.Tensor, r_list, *, precision: str =
         raise ValueError(f"aggregation degrees must be odd and positive, got {r_list}")
     check_device(x)
     n, length, chans = x.shape
-    g = grid_of(length)
+    g = grid_side(length, grid)
+    if tuple(inv_norms.shape) != (len(r_list), n, length):
+        raise ValueError(f"inv_norms must be [{len(r_list)}, {n}, {length}], got {tuple(inv_norms.shape)}")
     distinct = list(dict.fromkeys(r_list))
     sim = torch.full((len(distinct), n, length, n), float("-inf"), dtype=torch.float32, device=x.device)
-    if n >= 2 and length > 0:
+    if pairs is not None:
+        pairs = as_pairs(pairs, n, x.device)
+    if n >= 2 and length > 0 and (pairs is None or pairs[0].numel() > 0):
         cfg = config or default_config(precision, length, chans)
         x32 = x.float()
         # 1/||box sum||: the box mean's 1/r^2 folded in, so that s = (B G B^T) u_i u_j.
-        inv = box_inverse_norms(x32, distinct)
-        inv /= torch.tensor([float(r * r) for r in distinct], device=x.device)[:, None, None]
-        feats = x32.to(_OPERAND_DTYPE[precision]).contiguous()
+        inv = inv_norms[[r_list.index(r) for r in distinct]].float()
+        inv = inv / torch.tensor([float(r * r) for r in distinct], device=x.device)[:, None, None]
+        split = _SPLIT.get(precision, 1)
+        feats = bf16_split(x32, split) if split > 1 else x32.to(_OPERAND_DTYPE[precision])[None]
         if chans % cfg.block_k:
             # Zero channels add nothing to a dot product, and whole K tiles keep the Gram kernel's loads
             # unmasked along C (cp.async pipeline; a masked 128 x 128 x 64 bf16 build spilled on sm_90).
             feats = torch.nn.functional.pad(feats, (0, cfg.block_k - chans % cfg.block_k))
-        pi, pj = pair_table(n, cfg.group, x.device)
-        _run(feats, inv, sim, pi, pj, g, distinct, precision, cfg, block_elems or DEFAULT_BLOCK_ELEMS)
+        feats = feats.contiguous()
+        pi, pj = pairs if pairs is not None else pair_table(n, cfg.group, x.device)
+        _run(feats, inv.contiguous(), sim, pi, pj, g, distinct, precision, cfg, block_elems or DEFAULT_BLOCK_ELEMS)
     if len(distinct) == len(r_list):
         return sim
     return sim[torch.tensor([distinct.index(r) for r in r_list], device=x.device)]
@@ -350,13 +395,14 @@ def nearest_similarity_multi_triton(x: torch.Tensor, r_list, *, precision: str =
 
 def _run(feats, inv, sim, pi, pj, g, distinct, precision, cfg, block_elems) -> None:
     """Launch the three kernels chunk by chunk over the pair list."""
-    n, length, chans = feats.shape
+    split, n, length, chans = feats.shape
     big = [k for k, r in enumerate(distinct) if r > 1]
     k1 = distinct.index(1) if 1 in distinct else None
     n_pairs = pi.numel()
     # memory.fits_one_gram budgets 4 * min(block_elems, N L^2) values of temporaries for this path
     m = chunk_pairs(n_pairs, length, len(big), min(block_elems, n * length * length))
     ld = _lead(length)
+    m = min(m, max_chunk(length, ld, cfg))
     width = min(len(big), MAX_R_PER_LAUNCH)
     gram = torch.empty((m if big else 1, length, ld), dtype=_GRAM_DTYPE[precision], device=feats.device)
     filt = torch.empty((max(width, 1), m if big else 1, length, ld), dtype=torch.float32, device=feats.device)
@@ -368,10 +414,11 @@ def _run(feats, inv, sim, pi, pj, g, distinct, precision, cfg, block_elems) -> N
         ci, cj = pi[s0:s0 + m], pj[s0:s0 + m]
         mc = ci.numel()
         _gram_kernel[(mc * gram_tiles,)](
-            feats, gram, inv[r1], sim[r1], ci, cj, n, length, chans, ld,
+            feats, gram, inv[r1], sim[r1], ci, cj, n, length, chans, ld, n * length * chans,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             INPUT_PRECISION="ieee", UPCAST=INTERPRETED and feats.dtype != torch.float32,
             HAS_R1=k1 is not None, STORE_GRAM=bool(big), ROUND_BY_HAND=INTERPRETED and gram.dtype == torch.bfloat16,
+            SPLIT=split,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         for s in range(0, len(big), MAX_R_PER_LAUNCH):

@@ -41,3 +41,29 @@ def nearest_similarity_faiss(z: torch.Tensor, *, precision: str = "fp32") -> tor
         sim[:, :, j] = best.reshape(n, length)
     sim[np.arange(n), :, np.arange(n)] = -np.inf
     return torch.from_numpy(sim).to(z.device)
+
+
+def cross_similarity_faiss(zq: torch.Tensor, zr: torch.Tensor) -> torch.Tensor:
+    """Nearest-patch similarity of query images in reference images with FAISS (one direction, no self
+    exclusion): the engine's faiss provider for row groups, shards and bank scoring.
+
+    Args:
+        zq: [b, L, C] unit rows (queries). zr: [m, L', C] unit rows (references), any device.
+    Returns:
+        [b, L, m] float32 on zq's device, ``out[i, p, j] = max_q <zq[i, p], zr[j, q]>``.
+    """
+    import faiss
+
+    if zq.dim() != 3 or zr.dim() != 3 or zq.shape[2] != zr.shape[2]:
+        raise ValueError(f"expected [b, L, C] and [m, L, C], got {tuple(zq.shape)} and {tuple(zr.shape)}")
+    b, length, c = zq.shape
+    m = zr.shape[0]
+    queries = np.ascontiguousarray(zq.detach().to("cpu", torch.float32).numpy()).reshape(b * length, c)
+    refs = np.ascontiguousarray(zr.detach().to("cpu", torch.float32).numpy())
+    out = np.empty((b, length, m), dtype=np.float32)
+    for j in range(m):
+        index = faiss.IndexFlatIP(c)
+        index.add(refs[j])
+        best, _ = index.search(queries, 1)
+        out[:, :, j] = best.reshape(b, length)
+    return torch.from_numpy(out).to(zq.device)

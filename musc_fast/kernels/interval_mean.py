@@ -69,7 +69,8 @@ def _interval_mean_kernel(
 
 
 def interval_mean_triton(sim: torch.Tensor, k_min: int, k_max: int, *, out: torch.Tensor | None = None,
-                         accumulate: bool = False, block_r: int | None = None) -> torch.Tensor:
+                         accumulate: bool = False, block_r: int | None = None,
+                         n_others: int | None = None) -> torch.Tensor:
     """Per patch, the mean of the ascending nearest distances ``sorted[k_min:k_max]``, summed over passes.
 
     Args:
@@ -77,15 +78,20 @@ def interval_mean_triton(sim: torch.Tensor, k_min: int, k_max: int, *, out: torc
         k_min, k_max: the interval (``ops.interval_bounds``); an empty one gives NaN (compat mode).
         out: optional [N, L] float64/float32 result buffer; with ``accumulate`` the new sum is added to it.
         block_r: rows per program (default: ``launch_shape``).
+        n_others: finite candidates per row (default N - 1 for a square [N, L, N] table with its -inf
+            self entries). A rectangular table [B, L, M] (row groups of a larger set, or new images
+            against a bank) needs it: M - 1 or M.
     Returns:
         [N, L] ``out`` (float64 unless given): the interval mean, summed over the P passes.
     """
     if sim.dim() == 3:
         sim = sim[None]
-    if sim.dim() != 4 or sim.shape[1] != sim.shape[3]:
-        raise ValueError(f"sim must be [N, L, N] or [P, N, L, N], got shape {tuple(sim.shape)}")
+    if sim.dim() != 4 or (n_others is None and sim.shape[1] != sim.shape[3]):
+        raise ValueError(f"sim must be [N, L, N] or [P, N, L, N] (or [B, L, M] with n_others), got shape "
+                         f"{tuple(sim.shape)}")
     check_device(sim)
-    p, n, length, _ = sim.shape
+    p, n, length, m_cols = sim.shape
+    others = m_cols - 1 if n_others is None else int(n_others)
     if out is None:
         out = torch.zeros((n, length), dtype=torch.float64, device=sim.device)
         accumulate = False
@@ -95,24 +101,28 @@ def interval_mean_triton(sim: torch.Tensor, k_min: int, k_max: int, *, out: torc
     if k_max <= k_min:  # the original's empty mean
         out.fill_(float("nan"))
         return out
-    if not 0 <= k_min < k_max <= n - 1:
-        raise ValueError(f"interval [{k_min}, {k_max}) is outside the {n - 1} other images")
+    if not 0 <= k_min < k_max <= others:
+        raise ValueError(f"interval [{k_min}, {k_max}) is outside the {others} other images")
     simc = sim.to(torch.float32).contiguous()
-    auto_r, block_c, warps = launch_shape(n, interpret=interpreting())
+    auto_r, block_c, warps = launch_shape(m_cols, interpret=interpreting())
     block_r = block_r or auto_r
     rows = n * length
     _interval_mean_kernel[(triton.cdiv(rows, block_r),)](
-        simc, out, rows, n, p, rows * n, k_min, k_max, float(k_max - k_min),
+        simc, out, rows, m_cols, p, rows * m_cols, k_min, k_max, float(k_max - k_min),
         ACCUMULATE=accumulate, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )
     return out
 
 
 def launch_shape(n_img: int, *, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_C, num_warps) for N images. GPU: about 2048 similarities per program, 16 per
-    thread with 4 warps (the sm_90 build then needs no spills). Interpreter: 64 rows, fewer Python steps."""
+    """(BLOCK_R, BLOCK_C, num_warps) for N images. GPU: at most 2048 similarities and at most 16 rows per
+    program, 4 warps. The float64 sqrt and division have slow-path subroutine calls in SASS; with more
+    rows per thread the registers live across those calls overflowed into 8 bytes of stack (sm_90 build,
+    64 x 16 and 64 x 8 and 32 x 16 under Triton 3.6, 64 x 16 under 3.8, with ``accumulate``). 16 rows
+    build without stack under both for every N (bench/results/preflight_sm90_*.csv). Small N is cheap
+    anyway: the kernel is bound by reading ``sim`` once. Interpreter: 64 rows, fewer Python steps."""
     block_c = max(2, next_pow2(n_img))
     if interpret:
         return 64, block_c, 4
-    block_r = max(1, min(64, 2048 // block_c))
+    block_r = max(1, min(16, 2048 // block_c))
     return block_r, block_c, 4 if block_r * block_c <= 2048 else 8

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import grid_side
 from ._common import check_device, interpreting, next_pow2
 
 INTERPRETED = interpreting()
@@ -126,7 +127,7 @@ def _check_r(r: int) -> None:
 
 
 def lnamd_triton(tokens: torch.Tensor, r_list, *, out_dtype: torch.dtype = torch.float32,
-                 block_p: int | None = None) -> list[torch.Tensor]:
+                 block_p: int | None = None, grid: int | None = None) -> list[torch.Tensor]:
     """LNAMD features of one layer for every r of ``r_list``.
 
     Args:
@@ -134,11 +135,10 @@ def lnamd_triton(tokens: torch.Tensor, r_list, *, out_dtype: torch.dtype = torch
         r_list: odd degrees >= 1 (any number; 4 per launch, distinct ones computed once).
         out_dtype: float32 (exact mode) or float16/bfloat16 (half the bytes for the MSM kernel).
         block_p: patches per program (default: ``launch_shape``).
+        grid: G (default sqrt(L); a non-square L is an error).
     Returns:
         one Z [N, L, C] ``out_dtype`` with unit rows per r, in the order of ``r_list``.
     """
-    from ..ops.lnamd import grid_of  # the same square-grid error message as the torch path
-
     r_list = [int(r) for r in r_list]
     for r in r_list:
         _check_r(r)
@@ -146,7 +146,7 @@ def lnamd_triton(tokens: torch.Tensor, r_list, *, out_dtype: torch.dtype = torch
         raise ValueError(f"tokens must be [N, L, C], got shape {tuple(tokens.shape)}")
     check_device(tokens)
     n, length, chans = tokens.shape
-    g = grid_of(length)
+    g = grid_side(length, grid)
     x = tokens.contiguous()
     numel = length * chans
     outs = {r: torch.empty((n, length, chans), dtype=out_dtype, device=x.device) for r in r_list}

@@ -9,9 +9,10 @@ i.e. a 4-D box filter (over p's grid rows/columns and q's grid rows/columns, zer
 raw Gram block X_i X_j^T, divided by norms of the cheap explicit box means. The r passes of a layer
 need one matrix product instead of len(r_list). ``MUSC_FAST_BOXGRAM=0`` switches the pipeline back to
 per-r passes, ``=1`` forces this path; the default ``auto`` uses it where it is measured to pay
-(``use_boxgram``). ``mutual_scores_multi`` follows the MSM gate (``ops.backend("msm")``): the torch
-blocks below, or the Triton kernels of ``kernels/boxgram.py`` when it says ``triton``; the pipeline
-sends a layer here with the ``triton`` backend only when ``MUSC_FAST_BOXGRAM=1`` (``gram_backend_ok``).
+(``use_boxgram``). ``mutual_scores_multi`` (one process) follows the MSM gate (``ops.backend("msm")``):
+the torch blocks below, or the Triton kernels of ``kernels/boxgram.py`` when it says ``triton``. The
+pipeline's passes go through ``musc_fast.engine`` (its ``onegram`` primitive, also sharded over ranks),
+whose planner takes the ``triton`` one-Gram kernels only when ``MUSC_FAST_BOXGRAM=1`` (``gram_backend_ok``).
 """
 from __future__ import annotations
 
@@ -188,32 +189,44 @@ def nearest_similarity_multi_torch(x: torch.Tensor, r_list: tuple[int, ...] | li
     return sim
 
 
+def nearest_similarity_multi(x: torch.Tensor, r_list, *, precision: str = "fp32",
+                             block_elems: int = DEFAULT_BLOCK_ELEMS, which: str = "torch", pairs=None) -> torch.Tensor:
+    """[R, N, L, N] one-Gram similarities by ``which`` provider: the torch blocks above, or the Triton
+    kernels (``kernels.nearest_similarity_multi_triton``, guarded by ``ops.run_kernel``: a failing kernel
+    falls back to torch). ``pairs``: the Triton work list, e.g. one rank's blocks (None: every pair)."""
+    if which == "triton":
+        from .. import kernels
+        from . import run_kernel
+
+        inv = box_inverse_norms(x.float(), r_list)
+        return run_kernel(("boxgram", precision), x.device,
+                          lambda: kernels.nearest_similarity_multi_triton(
+                              x, r_list, inv_norms=inv, grid=grid_of(x.shape[1]), precision=precision,
+                              block_elems=block_elems, pairs=pairs),
+                          lambda: nearest_similarity_multi_torch(x, r_list, precision=precision,
+                                                                 block_elems=block_elems))
+    return nearest_similarity_multi_torch(x, r_list, precision=precision, block_elems=block_elems)
+
+
 def mutual_scores_multi(x: torch.Tensor, r_list: tuple[int, ...] | list[int],
                         topmin: tuple[float, float] = (0.0, 0.3), *, compat: bool = False,
                         precision: str = "fp32", block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
-    """MSM patch scores of every r of one layer, from one Gram block per image pair.
+    """MSM patch scores of every r of one layer, from one Gram block per image pair (one process; the
+    engine, ``musc_fast.engine``, runs the same blocks sharded over ranks).
 
     Args:
         x: [N, L, C] LayerNorm'd tokens (``layer_norm_chw``).
     Returns:
         [R, N, L] float64, equal to ``mutual_scores(lnamd(tokens, r))`` for each r (within fp32 rounding).
 
-    Backend: several ranks (torchrun) share the torch blocks (``distributed``); otherwise the MSM gate
-    picks the Triton kernels (``kernels.nearest_similarity_multi_triton`` + the interval-mean kernel) or
-    the torch blocks.
+    Backend: the MSM gate (``ops.backend("msm")``) picks the Triton kernels
+    (``kernels.nearest_similarity_multi_triton`` + the interval-mean kernel) or the torch blocks.
     """
-    from .. import distributed  # several ranks share the blocks when launched by torchrun
-    from . import backend
+    from . import backend, interval_mean
 
     k_min, k_max = interval_bounds(x.shape[0] - 1, topmin, compat=compat)
-    if distributed.world_size() > 1:
-        sim = distributed.nearest_similarity_multi_distributed(x, r_list, precision=precision,
-                                                               block_elems=block_elems)
-    elif backend("msm", x.device, x.dtype) == "triton":
-        from ..kernels import interval_mean_triton, nearest_similarity_multi_triton
-
-        sim = nearest_similarity_multi_triton(x, r_list, precision=precision, block_elems=block_elems)
-        return torch.stack([interval_mean_triton(s, k_min, k_max) for s in sim])
-    else:
-        sim = nearest_similarity_multi_torch(x, r_list, precision=precision, block_elems=block_elems)
+    if backend("msm", x.device, x.dtype, precision) == "triton":
+        sim = nearest_similarity_multi(x, r_list, precision=precision, block_elems=block_elems, which="triton")
+        return torch.stack([interval_mean(s, k_min, k_max) for s in sim])
+    sim = nearest_similarity_multi_torch(x, r_list, precision=precision, block_elems=block_elems)
     return torch.stack([interval_mean_from_similarity(s, k_min, k_max) for s in sim])

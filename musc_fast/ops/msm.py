@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import bf16_split  # noqa: F401  (re-exported: the kernels' operand split)
 from .interval import interval_bounds
 from .lnamd import grid_of
 
@@ -17,8 +18,17 @@ from .lnamd import grid_of
 DEFAULT_BLOCK_ELEMS = 1 << 24
 
 
+def split_product(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """Torch emulation of the split kernel's arithmetic: a @ b_t (fp32) from the bf16 parts of both sides,
+    a0 b0 in one fp32 sum and the five cross terms down to 2**-16 relative in another, added at the end.
+    Products of bf16 values are exact in fp32, as on the tensor cores. a [M, C], b_t [C, N] -> [M, N]."""
+    pa, pb = bf16_split(a).float(), bf16_split(b_t).float()
+    lo = sum(pa[x] @ pb[y] for x, y in ((2, 0), (1, 1), (0, 2), (1, 0), (0, 1)))
+    return pa[0] @ pb[0] + lo
+
+
 def _matmul_dtype(z: torch.Tensor, precision: str) -> torch.dtype:
-    if precision == "fp32":
+    if precision in ("fp32", "fp32-ieee"):
         return torch.float32
     if z.device.type == "cpu":
         # Low-precision matmuls are slower than fp32 on most CPUs and gain nothing here.

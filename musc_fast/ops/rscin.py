@@ -17,11 +17,16 @@ def cls_gram(cls_tokens) -> np.ndarray:
 
     fp16 tokens (CLIP under autocast) are multiplied by numpy in fp16, exactly as the original does
     (numpy accumulates in fp32 and rounds once to fp16); any other dtype is multiplied in float64.
+    bf16 tensors (numpy has no bf16) are widened to float32 first, which is exact.
 
     Args:
-        cls_tokens: [N, D] numpy array or torch tensor.
+        cls_tokens: [N, D] numpy array or torch tensor (any float dtype, bf16 included).
     """
-    f = cls_tokens.detach().cpu().numpy() if isinstance(cls_tokens, torch.Tensor) else np.asarray(cls_tokens)
+    if isinstance(cls_tokens, torch.Tensor):
+        t = cls_tokens.detach().cpu()
+        f = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    else:
+        f = np.asarray(cls_tokens)
     if f.dtype == np.float16:
         return np.dot(f, f.T).astype(np.float64)
     f = f.astype(np.float64)
@@ -77,7 +82,7 @@ def rscin(scores, cls_tokens, k_list=(1, 2, 3), *, compat: bool = False) -> np.n
     Returns:
         [N] float64.
     """
-    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    s = np.asarray(scores.detach().cpu().double() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
     if 0 in k_list:
         return s.copy()
     n = len(s)
