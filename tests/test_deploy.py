@@ -379,6 +379,23 @@ def test_corrupt_runtime_cache_is_rebuilt(exported, bottle_queries, tmp_path):
     assert blob.stat().st_size > 1000 and not [p for p in cache.iterdir() if p.suffix == ".tmp"]
 
 
+@needs_ov
+def test_every_openvino_model_shares_one_core(exported, monkeypatch):
+    # A second Core importing a blob after convert_model corrupted the heap (SIGSEGV later, OpenVINO 2026.4.1).
+    import openvino as ov
+
+    from musc_fast.deploy.openvino_core import shared_core
+
+    core = shared_core()
+
+    def no_new_core(*args, **kwargs):
+        raise AssertionError("a second openvino.Core was created")
+    monkeypatch.setattr(ov, "Core", no_new_core)
+    Inferencer(exported("openvino"))
+    Inferencer(exported("onnx"), runtime="openvino")
+    assert shared_core() is core
+
+
 def test_export_cli_bad_inputs_touch_nothing(bottle_bank, tmp_path, capsys):
     bank_file = bottle_bank.save(tmp_path / "bank.safetensors")
     busy = tmp_path / "busy"

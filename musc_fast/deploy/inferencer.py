@@ -32,6 +32,7 @@ from PIL import Image
 
 from . import preprocess as pre
 from .manifest import ModelFolderError, read_manifest
+from .openvino_core import shared_core
 
 RUNTIMES = ("auto", "onnxruntime", "openvino")
 
@@ -152,9 +153,7 @@ class Inferencer:
         return self.cache_dir / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.blob"
 
     def _load_openvino(self, path: Path):
-        import openvino as ov
-
-        core = ov.Core()
+        core = shared_core()  # one Core per process: see openvino_core.py for the crash a second one caused
         cfg = self._ov_config()
         blob = self.cache_path()
         compiled = None

@@ -156,9 +156,9 @@ class RuntimeBackbone:
                 opts.intra_op_num_threads = self.threads
             sess = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
             return lambda x: sess.run(None, {"images": x})
-        import openvino as ov
+        from musc_fast.deploy.openvino_core import shared_core
 
-        core = ov.Core()
+        core = shared_core()  # one Core per process (see musc_fast/deploy/openvino_core.py)
         cfg = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if self.threads:
             cfg["INFERENCE_NUM_THREADS"] = self.threads
