@@ -79,12 +79,15 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a timeout clipped to the budget
     return 0
 }
 
+# the Triton kernel tests (the triton-marked tests of the op files; gpu-marked ones add the large shapes)
+KERNEL_TESTS="tests/test_msm.py tests/test_lnamd.py tests/test_interval.py tests/test_boxgram.py tests/test_kernel_build.py"
+
 if [ "$DRY" = 1 ]; then  # every module the steps import, and the files they read
     step imports 30 "$PY" -c "
 import importlib.util, os, sys
 sys.path.insert(0, os.getcwd())
 import bench.harness, bench.bench_msm, bench.original_style, musc_fast, musc_fast.backbones, pytest, timm
-for f in ('tests/test_kernels.py', 'tests/kernel_cases.py', 'bench/bench_e2e.py'):
+for f in '$KERNEL_TESTS'.split() + ['bench/bench_e2e.py']:
     assert os.path.isfile(f), f
 if importlib.util.find_spec('triton'):
     import musc_fast.kernels.mutual_min, musc_fast.kernels.interval_mean, musc_fast.kernels.lnamd
@@ -111,7 +114,7 @@ step msm-n200 90 $MSM --providers original,torch,triton,triton_fma,interval_mean
     --original-reps 1 --repeat-check --roofline
 
 # 2. Correctness at large shapes on the GPU.
-step tests-gpu 50 "$PY" -m pytest -q -m gpu tests/test_kernels.py --junitxml="$OUT/kernels_gpu.xml"
+step tests-gpu 50 "$PY" -m pytest -q -m "triton and gpu" $KERNEL_TESTS --junitxml="$OUT/kernels_gpu.xml"
 
 # 3. The end-to-end ladder at N=200: the original-style row first, measured at N=8 and extrapolated to
 #    N=200 (its LNAMD runs on the CPU: ~900 CPU-seconds at N=200; the row is labelled), then our rows.
@@ -123,7 +126,7 @@ step msm-n1000 100 $MSM --n 1000 --single --providers triton,torch,triton_fma --
 
 # 5. Every kernel test compiled on CUDA (the cases the CPU run checks under the interpreter, plus the
 #    offline sm_90 build check against this machine's Triton).
-step tests-compiled 120 "$PY" -m pytest -q $XDIST -m "not gpu" tests/test_kernels.py \
+step tests-compiled 120 "$PY" -m pytest -q $XDIST -m "triton and not gpu" $KERNEL_TESTS \
     --junitxml="$OUT/kernels_compiled.xml"
 
 # ---------------------------------------------------------------------------------------------------

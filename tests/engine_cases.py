@@ -1,5 +1,5 @@
 """Engine acceptance cases, one function per mode, run for a provider (``MUSC_FAST_MSM``) by
-tests/test_engine.py (torch, faiss) and tests/test_engine_triton.py (the Triton kernels, under the
+tests/test_engine.py (torch, faiss, and the Triton kernels under the
 interpreter on CPU): every mode equals the float64 reference within the dtype tolerance, and the plan
 names the provider that ran."""
 from __future__ import annotations

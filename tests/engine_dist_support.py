@@ -1,5 +1,5 @@
 """Sharded engine passes: ``cases()`` computes them in one process; run as a script under
-``python -m torch.distributed.run --nproc-per-node 2`` (tests/test_engine.py, tests/test_engine_triton.py),
+``python -m torch.distributed.run --nproc-per-node 2`` (tests/test_engine.py),
 the same cases run sharded over two gloo ranks and rank 0 writes them to OUT.npz. The provider is the
 environment's ``MUSC_FAST_MSM`` (and ``MUSC_FAST_BOXGRAM=1`` for the one-Gram kernels)."""
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Support for the production tests: a tiny deterministic backbone, seeded inputs, and the worker that
-tests/test_distributed.py launches with ``python -m torch.distributed.run --nproc-per-node 2``.
+"""Support for the production tests: seeded inputs (the backbone, ``FakeBackbone``, lives in
+tests/fakes.py), and the worker that tests/test_distributed.py launches with
+``python -m torch.distributed.run --nproc-per-node 2``.
 
 Run as a script: ``production_support.py OUT.npz`` computes every case under torch.distributed and rank
 0 writes the outputs; ``cases()`` computes the same cases in one process for comparison.
@@ -12,51 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 if __package__ in (None, ""):  # launched as a script by torchrun: make ``musc_fast`` and ``tests`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from musc_fast.backbones.base import (  # noqa: E402
-    IMAGENET_PREPROCESS,
-    Backbone,
-    BackboneOutput,
-    register_backbone,
-)
 from musc_fast.config import MuScConfig  # noqa: E402
-
-FAKE_NAME = "_fake_test"
-
-
-class FakeBackbone(Backbone):
-    """Patch-embedding conv + two small heads: [B, 3, S, S] -> tokens [B, (S/8)^2, C_l] for two layers
-    (C = 12 and 10) and a cls token [B, 6]. Weights come from a fixed seed, so every process builds
-    the same model."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        self.name, self.patch_size, self.depth = FAKE_NAME, 8, 2
-        self.layers, self.embed_dim, self.cls_dim = (0, 1), 12, 6
-        self.preprocess = IMAGENET_PREPROCESS
-        gen = torch.Generator().manual_seed(seed)
-        self.embed = nn.Conv2d(3, 16, 8, 8)
-        self.heads = nn.ModuleList([nn.Linear(16, 12), nn.Linear(16, 10)])
-        self.cls_head = nn.Linear(16, 6)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-
-    def forward(self, images: torch.Tensor, need_cls: bool = True) -> BackboneOutput:
-        x = torch.tanh(self.embed(images).flatten(2).transpose(1, 2))  # [B, L, 16]
-        tokens = [self.heads[0](x), self.heads[1](torch.relu(x))]
-        return BackboneOutput(tokens=tokens, cls=self.cls_head(x.mean(dim=1)) if need_cls else None)
-
-
-def register_fake() -> None:
-    """Register ``FakeBackbone`` under ``_fake_test`` (once) so that the CLI can build it by name."""
-    from musc_fast.backbones.base import _REGISTRY
-    if FAKE_NAME not in _REGISTRY:
-        register_backbone(FAKE_NAME)(lambda name, **kw: FakeBackbone())
+from tests.fakes import FAKE_NAME, FakeBackbone, register_fake  # noqa: E402,F401  (re-exported)
 
 
 def fake_config(**overrides) -> MuScConfig:

@@ -122,8 +122,9 @@ def test_engine_test_magnetic_tile_pixel_auroc(tmp_path):
     ours = Engine_(_config()).score(paths, progress=False)
     np.testing.assert_allclose(model.results[("test", 0)].result.image_scores, ours.image_scores, rtol=0, atol=1e-6)
     cat = load_category("mvtec", root, "magnetic_tile")  # our reader on the same files
-    by_path = {str(s.path): s for s in cat.samples}
-    masks = load_masks([by_path[p].mask_path for p in paths], SIZE, "eq1", progress=False).numpy()
+    # keyed by resolved path: anomalib resolves symlinks (a linked ../shared), our reader keeps the path given
+    by_path = {Path(s.path).resolve(): s for s in cat.samples}
+    masks = load_masks([by_path[Path(p).resolve()].mask_path for p in paths], SIZE, "eq1", progress=False).numpy()
     labels = np.array([by_path[p].label for p in paths])
     tests = (root / "magnetic_tile" / "test").iterdir()
     n_defective = sum(len(list(d.glob("*.png"))) for d in tests if d.name != "good")

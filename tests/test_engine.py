@@ -1,4 +1,4 @@
-"""The scoring engine: every mode x provider (torch, faiss) against the float64 references, the planner's
+"""The scoring engine: every mode x provider (torch, faiss, triton) against the float64 references, the planner's
 choices and reasons, ``Result.plan``, and a real 2-rank gloo shard bit for bit equal to one process."""
 from __future__ import annotations
 
@@ -17,8 +17,14 @@ from tests import engine_cases
 from tests.production_support import random_layers
 
 REPO = Path(__file__).resolve().parents[1]
-PROVIDERS = ["torch", pytest.param("faiss", marks=pytest.mark.skipif(not kernels.faiss_available()[0],
-                                                                      reason="faiss is not installed"))]
+MARKS = {
+    "torch": [],
+    "faiss": [pytest.mark.skipif(not kernels.faiss_available()[0], reason="faiss is not installed")],
+    # compiled on a GPU, else under the interpreter on CPU tensors (tests/conftest.py); a kernel that failed
+    # would fall back to torch with a KernelFallbackWarning: that is a failure here.
+    "triton": [pytest.mark.triton, pytest.mark.filterwarnings("error::musc_fast.ops.KernelFallbackWarning")],
+}
+PROVIDERS = [pytest.param(p, marks=m, id=p) for p, m in MARKS.items()]
 
 
 @pytest.fixture(params=PROVIDERS)
@@ -28,7 +34,10 @@ def provider(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("shape", engine_cases.SHAPES, ids=str)
+# the interpreter is slow: triton takes the first two shapes
+@pytest.mark.parametrize("provider, shape", [
+    pytest.param(p, s, marks=m, id=f"{p}-{s}") for p, m in MARKS.items()
+    for s in (engine_cases.SHAPES[:2] if p == "triton" else engine_cases.SHAPES)], indirect=["provider"])
 def test_full_and_streaming(provider, shape, rng):
     engine_cases.full_and_streaming(provider, *shape, rng)
 
@@ -50,12 +59,12 @@ def test_bank_object(provider):
 
 
 def test_aligned_window(provider, rng):
-    engine_cases.aligned(provider, rng)
+    engine_cases.aligned(provider, rng)  # the window is torch's; triton and faiss hand it over
 
 
-def test_one_gram(monkeypatch, rng):
-    monkeypatch.setenv("MUSC_FAST_BOXGRAM", "1")
-    engine_cases.one_gram("torch", rng)
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p.id != "faiss"], indirect=True)
+def test_one_gram(provider, rng):
+    engine_cases.one_gram(provider, rng)
 
 
 def test_faiss_has_no_one_gram(monkeypatch):
@@ -65,13 +74,6 @@ def test_faiss_has_no_one_gram(monkeypatch):
     monkeypatch.setenv("MUSC_FAST_BOXGRAM", "1")
     ok, why = engine.use_onegram(5, 16, 12, (1, 3), device="cpu", window=None, memory=MemoryPlan())
     assert not ok and "faiss" in why
-
-
-@pytest.fixture()
-def rng():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed {seed}")
-    return np.random.default_rng(seed)
 
 
 # ---- the planner -------------------------------------------------------------------------------------
@@ -161,9 +163,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path, monkeypatch, which):
     env = {"MUSC_FAST_MSM": which, "MUSC_FAST_BOXGRAM": "1"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    # torch: the same blocks on every rank, merged exactly -> bit for bit. faiss: one process searches
-    # every query of an image at once, a shard only its blocks' (another BLAS blocking) -> fp32 tolerance.
-    compare_sharded(run_sharded(tmp_path, env), which, bitwise=which == "torch")
+    # torch and triton: the same blocks on every rank, merged exactly (the kernel's atomics are max) -> bit
+    # for bit. faiss: one process searches every query of an image at once, a shard only its blocks'
+    # (another BLAS blocking) -> fp32 tolerance. TRITON_INTERPRET (conftest) reaches the ranks via os.environ.
+    compare_sharded(run_sharded(tmp_path, env), which, bitwise=which != "faiss")
 
 
 # ---- measured dispatch wired into the planner --------------------------------------------------------

@@ -3,6 +3,9 @@ the kernel off with one KernelFallbackWarning, and the torch path answers. The k
 (raise, or return wrong numbers) and the probe is enabled for CPU tensors, so no GPU or triton is needed."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -14,7 +17,7 @@ from musc_fast.ops import KernelFallbackWarning, backend
 from musc_fast.ops.boxgram import mutual_scores_multi, nearest_similarity_multi_torch
 from musc_fast.ops.lnamd import layer_norm_chw, lnamd_multi_torch
 from musc_fast.ops.msm import interval_mean_from_similarity, mutual_scores_torch, nearest_similarity_torch
-from tests.helpers import unit_rows
+from tests.helpers import COMPILED, DEVICE, unit_rows
 
 
 @pytest.fixture()
@@ -142,3 +145,49 @@ def test_auto_sends_unmeasured_exact_modes_to_torch(monkeypatch):
         assert backend("msm", "cuda", torch.float32, precision) == "torch"
     monkeypatch.setenv("MUSC_FAST_MSM", "torch")
     assert backend("msm", "cuda", torch.float32, "bf16") == "torch"
+
+
+# --- the gate's values and its import discipline -----------------------------------------------------
+
+
+@pytest.mark.parametrize("op, value", [("msm", "cuda"), ("lnamd", "faiss"), ("msm", "")])
+def test_gate_rejects_unknown_values(monkeypatch, op, value):
+    monkeypatch.setenv(f"MUSC_FAST_{op.upper()}", value)
+    with pytest.raises(ValueError, match="is not one of"):
+        backend(op, DEVICE)
+
+
+def test_gate_auto_and_torch(monkeypatch):
+    monkeypatch.delenv("MUSC_FAST_MSM", raising=False)
+    assert backend("msm", "cpu") == "torch"  # auto: kernels only for CUDA tensors
+    assert backend("msm", "cpu", torch.float32) == "torch"
+    monkeypatch.setenv("MUSC_FAST_MSM", "torch")
+    assert backend("msm", DEVICE) == "torch"
+    if COMPILED:
+        monkeypatch.delenv("MUSC_FAST_MSM")
+        assert backend("msm", "cuda", torch.float32) == "triton"
+        assert backend("msm", "cuda", torch.float64) == "torch"  # no float64 kernel
+
+
+@pytest.mark.triton
+def test_gate_triton_without_interpreter_or_gpu_is_an_error(monkeypatch):
+    monkeypatch.setenv("MUSC_FAST_MSM", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="need CUDA tensors"):
+            backend("msm", "cpu")
+    else:
+        assert kernels.available()[0] is False
+        with pytest.raises(RuntimeError, match="cannot run here"):
+            backend("msm", "cpu")
+
+
+def test_import_does_not_import_triton():
+    code = ("import sys, numpy as np, musc_fast, musc_fast.ops as o; "
+            "o.mutual_scores(np.random.rand(6, 9, 8).astype('float32')); "
+            "o.lnamd(np.ones((2, 9, 8), 'float32'), 3); "
+            "print(sorted(m for m in sys.modules if m == 'triton' or m.startswith('musc_fast.kernels.')))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUSC_FAST_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert res.stdout.strip() == "[]", res.stdout

@@ -15,23 +15,10 @@ import pytest
 import torch
 
 import tests.fakes  # noqa: F401  (registers tiny_test)
-from musc_fast.backbones import register_backbone
 from musc_fast.cli import main
 from musc_fast.config import MuScConfig
 from musc_fast.data import generate_synthetic
 from tests.conftest import shared_path
-from tests.fakes import TinyBackbone
-
-
-class RaisingBackbone(TinyBackbone):
-    def forward(self, images, need_cls=True):
-        raise AssertionError("the backbone ran although the settings were bad")
-
-
-@register_backbone("raise_if_called")
-def _build(name, *, pretrained, weights, image_size, layers, quick_gelu, compat):
-    return RaisingBackbone(layers)
-
 
 BASE = ["--backbone", "raise_if_called", "--pretrained", "none", "--image-size", "64", "--layers", "0", "2",
         "--device", "cpu", "--no-progress", "--num-workers", "0"]

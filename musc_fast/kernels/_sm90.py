@@ -4,7 +4,7 @@ Triton compiles to a cubin for a named target without touching a driver, and its
 ``cuobjdump``. This gives a CPU-only check that every kernel builds for the H200 at its real launch
 parameters, and shows registers, spills (stack frame, LDL/STL), shared memory, whether the matmul runs on
 the Hopper tensor-core path (HGMMA = wgmma) and whether the column maxima use fire-and-forget
-reductions (RED). Used by tests/test_kernels.py and by hand (``python -m musc_fast.kernels._sm90``).
+reductions (RED). Used by tests/test_kernel_build.py and by hand (``python -m musc_fast.kernels._sm90``).
 
 Integer arguments that a real launch would see as multiples of 16 (Triton specialises those) must be
 listed in ``divisible``, or the compiler cannot prove 16-byte alignment and skips the cp.async pipeline.
@@ -202,14 +202,14 @@ def preflight(calls) -> list[dict]:
 
 
 def default_preflight_calls():
-    """The launches of tests/test_kernels.py (GPU-compiled run) and of the paper-shape benchmarks."""
+    """The launches of the kernel tests (GPU-compiled run) and of the paper-shape benchmarks."""
     import torch
 
     from . import interval_mean_triton, lnamd_triton, nearest_similarity_multi_triton, nearest_similarity_triton
     from .boxgram import BoxGramConfig
     from .mutual_min import MutualMinConfig
 
-    small = MutualMinConfig(16, 32, 16, num_stages=2)  # tests/kernel_cases.SMALL
+    small = MutualMinConfig(16, 32, 16, num_stages=2)  # tests/test_msm.SMALL
     calls = []
     for n, length, c, cfg, precs in [
         (2, 49, 24, None, ("fp32",)), (5, 49, 37, small, ("fp32", "bf16", "fp16")),
