@@ -86,26 +86,34 @@ def create_temp(path: str | Path) -> tuple[int, Path]:
     raise FileExistsError(f"{path}: no free temporary name")
 
 
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then ``os.replace``:
-    readers see the old file or the new one, never a part. Any OSError (disk full, permissions) becomes
-    a one-line ``OutputError`` naming ``path``, and the temporary file is removed."""
-    path = Path(path)
+@contextmanager
+def _replacing(path: Path):
+    """Yield ``(fd, tmp)``, a new temporary file beside ``path`` (the body closes ``fd``), and rename it over
+    ``path`` when the body returns. On any error the temporary file is removed; an OSError (disk full,
+    permissions) becomes a one-line ``OutputError`` naming ``path``."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = create_temp(path)
         try:
-            try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            yield fd, tmp
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then ``os.replace``:
+    readers see the old file or the new one, never a part. Any OSError (disk full, permissions) becomes
+    a one-line ``OutputError`` naming ``path``, and the temporary file is removed."""
+    with _replacing(Path(path)) as (fd, _tmp):
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -113,28 +121,18 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], None]) -> None:
     ``write(tmp)`` fills a temporary file beside ``path``, which then gets the mode a new file gets
     under the umask (such writers may create it 0600), is fsynced and renamed over ``path``. Any
     OSError, raised by ``write`` too, becomes a one-line ``OutputError``; the temporary file is removed."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = create_temp(path)
+    with _replacing(Path(path)) as (fd, tmp):
         try:
-            try:
-                mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 less the umask, as create_temp made it
-            finally:
-                os.close(fd)
-            write(tmp)
-            os.chmod(tmp, mode)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 less the umask, as create_temp made it
+        finally:
+            os.close(fd)
+        write(tmp)
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class AtomicBatch:
