@@ -124,8 +124,9 @@ def test_engine_test_magnetic_tile_pixel_auroc(tmp_path):
     cat = load_category("mvtec", root, "magnetic_tile")  # our reader on the same files
     # keyed by resolved path: anomalib resolves symlinks (a linked ../shared), our reader keeps the path given
     by_path = {Path(s.path).resolve(): s for s in cat.samples}
-    masks = load_masks([by_path[Path(p).resolve()].mask_path for p in paths], SIZE, "eq1", progress=False).numpy()
-    labels = np.array([by_path[p].label for p in paths])
+    samples = [by_path[Path(p).resolve()] for p in paths]
+    masks = load_masks([s.mask_path for s in samples], SIZE, "eq1", progress=False).numpy()
+    labels = np.array([s.label for s in samples])
     tests = (root / "magnetic_tile" / "test").iterdir()
     n_defective = sum(len(list(d.glob("*.png"))) for d in tests if d.name != "good")
     assert len(paths) == len(cat.samples) and labels.sum() == n_defective > 0 and masks.any()
