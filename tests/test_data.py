@@ -505,6 +505,11 @@ def test_synthetic_deterministic_and_readable(tmp_path):
     cat = load_category("synthetic", tmp_path / "a", "object")
     assert len(cat) == 5 and sum(cat.labels) == 3 and cat.has_masks
     assert sorted(set(cat.defect_types) - {"good"}) == sorted(DEFECT_TYPES["object"])
+    # a renamed test/Good stays normal, as in the mvtec reader (NORMAL_TYPES, any case)
+    (tmp_path / "a" / "object" / "test" / "good").rename(tmp_path / "a" / "object" / "test" / "Good")
+    renamed = load_category("synthetic", tmp_path / "a", "object")
+    assert sorted(zip(renamed.labels, renamed.defect_types)) == sorted(
+        (label, "Good" if t == "good" else t) for label, t in zip(cat.labels, cat.defect_types))
 
 
 @pytest.mark.parametrize("category", ["texture", "object"])

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .base import Category, list_subdirs, require_dir
+from .base import Category, is_normal_type, list_subdirs, require_dir
 from .registry import Reader, register_reader
 from .tree import read_mvtec_tree
 
@@ -317,7 +317,8 @@ def generate_synthetic(
 
 @register_reader("synthetic")
 class SyntheticReader(Reader):
-    """Reads a tree written by ``generate_synthetic`` (MVTec layout, "good" normal, "eq1" masks)."""
+    """Reads a tree written by ``generate_synthetic`` (MVTec layout, "good" normal in any case as in every
+    MVTec-style reader, "eq1" masks)."""
 
     layout = "<root>/<category>/test/<type>/*.png as written by generate_synthetic"
 
@@ -327,6 +328,6 @@ class SyntheticReader(Reader):
     def load(self, root: Path, category: str) -> Category:
         cat_dir = require_dir(root / category, f"synthetic category {category!r}")
         samples, has_masks = read_mvtec_tree(
-            cat_dir, is_normal=lambda t: t == "good", mask_suffixes=("_mask",)
+            cat_dir, is_normal=is_normal_type, mask_suffixes=("_mask",)  # good/ok/normal, any case, as mvtec
         )
         return Category(category, cat_dir, self.name, samples, has_masks, "eq1")
