@@ -125,6 +125,5 @@ class FakeBackbone(Backbone):
 
 def register_fake() -> None:
     """Register ``FakeBackbone`` under ``_fake_test`` (once) so that the CLI can build it by name."""
-    from musc_fast.backbones.base import _REGISTRY
     if FAKE_NAME not in _REGISTRY:
         register_backbone(FAKE_NAME)(lambda name, **kw: FakeBackbone())

@@ -2,10 +2,10 @@
 tests run (``DEVICE``) with their tolerances."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
+
+from tests.conftest import COMPILED_TRITON
 
 
 def unit_rows(n: int, length: int, c: int, rng: np.random.Generator, *,
@@ -33,7 +33,7 @@ def with_duplicates(z: np.ndarray) -> np.ndarray:
 # --- where the kernel tests run, and their tolerances -------------------------------------------------
 # tests/conftest.py chose the Triton mode before triton was imported: compiled on a GPU (CUDA and no
 # TRITON_INTERPRET), else the interpreter on CPU tensors.
-COMPILED = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+COMPILED = COMPILED_TRITON
 DEVICE = "cuda" if COMPILED else "cpu"
 
 ATOL_SIM_FP32 = 1e-6  # fp32 similarities: kernel vs torch's fp32 matmul (both ~1e-7 from fp64)
@@ -77,7 +77,7 @@ def distances_of(sim) -> np.ndarray:
 def interval_mean_reference(sim: np.ndarray, k_min: int, k_max: int) -> np.ndarray:
     """Sort the N-1 distances of each patch (self excluded) and average sorted[k_min:k_max], float64."""
     n, length, _ = sim.shape
-    d = np.sqrt(np.clip(2.0 - 2.0 * sim.astype(np.float64), 0.0, None))
+    d = distances_of(sim)
     out = np.empty((n, length))
     for i in range(n):
         for p in range(length):

@@ -14,8 +14,6 @@ from tests.fakes import SLEEP_ENV  # noqa: F401  (importing registers tiny_test,
 TINY = ["--backbone", "tiny_test", "--pretrained", "none", "--image-size", "64", "--layers", "0", "2",
         "--device", "cpu", "--no-progress", "--num-workers", "0"]
 
-
-
 _PRISTINE: dict[tuple, Path] = {}
 
 

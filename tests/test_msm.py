@@ -13,8 +13,10 @@ from musc_fast.ops import SmallBatchWarning, backend, interval_bounds, mutual_sc
 from musc_fast.ops.msm import interval_mean_from_similarity, mutual_scores_torch, nearest_similarity_torch
 from musc_fast.ops.reference import mutual_scores_reference, nearest_distances_reference
 from tests.helpers import (
+    ATOL_FP32,
     ATOL_SIM_FP32,
     ATOL_SIM_FP32_C1024,
+    ATOL_TIES,
     BF16_RATIO,
     COMPILED,
     DEVICE,
@@ -35,11 +37,6 @@ try:  # the kernel's tile config (importing it imports triton); without triton t
     SMALL = MutualMinConfig(16, 32, 16, num_stages=2)
 except ImportError:
     SMALL = None
-
-# fp32 matmul similarities -> distances: the golden README measured 1.1e-6; the bar is 1e-5.
-ATOL_FP32 = 1e-5
-# Identical unit vectors: sqrt of fp32 rounding residue is ~1e-4..6e-4, not 0 (golden README quirk 2).
-ATOL_TIES = 1e-3
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 12, 40])

@@ -24,7 +24,7 @@ Precision. ``"fp32"`` (exact mode, on tensor cores): each value is split on the 
 parts z = z0 + z1 + z2 (``ops.msm.bf16_split``: 24 bits, fp32's mantissa) and the tile is the sum of six
 bf16 wgmma products (z0 z0^T in one fp32 accumulator, the five cross terms down to 2**-16 relative in a
 second), fp32 accumulation: error vs float64 within 2x that of torch's fp32 matmul with TF32 off (tested
-in torch emulation at C=1024, tests/test_msm.py, and in the interpreter, the triton-marked tests of tests/test_msm.py).
+in tests/test_msm.py: in torch emulation at C=1024, and by its triton-marked tests in the interpreter).
 ``"fp32-ieee"``: fp32 operands and ``input_precision="ieee"`` on the FMA units (the former exact mode).
 ``"tf32"`` (kernel-only, for benchmarks): TF32 tensor cores. ``"bf16"``/``"fp16"``: 16-bit operands (the
 wrapper casts Z once) with fp32 accumulation on the tensor cores. The similarity is the only thing
