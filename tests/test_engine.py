@@ -31,6 +31,7 @@ PROVIDERS = [pytest.param(p, marks=m, id=p) for p, m in MARKS.items()]
 def provider(request, monkeypatch):
     monkeypatch.setenv("MUSC_FAST_MSM", request.param)
     monkeypatch.setenv("MUSC_FAST_BOXGRAM", "1")
+    monkeypatch.setenv("MUSC_FAST_NATIVE", "0")  # the fused CPU one-Gram kernel: test_one_gram_native
     return request.param
 
 
@@ -65,6 +66,16 @@ def test_aligned_window(provider, rng):
 @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p.id != "faiss"], indirect=True)
 def test_one_gram(provider, rng):
     engine_cases.one_gram(provider, rng)
+
+
+def test_one_gram_native(monkeypatch, rng):
+    from musc_fast.kernels import boxgram_cpu
+
+    if not boxgram_cpu.available()[0]:
+        pytest.skip("no C compiler builds the native kernel")
+    for key, value in (("MUSC_FAST_MSM", "torch"), ("MUSC_FAST_BOXGRAM", "1"), ("MUSC_FAST_NATIVE", "1")):
+        monkeypatch.setenv(key, value)
+    engine_cases.one_gram("native", rng)
 
 
 def test_faiss_has_no_one_gram(monkeypatch):

@@ -1,7 +1,8 @@
 """The one-Gram variant of the primitive: the same blocks of image pairs with an r axis. One Gram block
 X_i X_J^T per task is box-filtered per degree r (``ops/boxgram.py``) and gives ``[R, N, L, N]`` tables of
 every r at once. Providers: ``torch`` (the blocks of ``ops.boxgram``) and ``triton`` (the one-Gram
-kernels of ``kernels/boxgram.py`` with the task's pairs as their work list)."""
+kernels of ``kernels/boxgram.py`` with the task's pairs as their work list) and ``native`` (CPU: torch
+products, the filters, scales and maxima fused in ``kernels/boxgram_cpu.py``)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +11,7 @@ from ..ops import boxgram
 from ..ops.lnamd import grid_of
 from .tasks import task_pairs
 
-PROVIDERS = ("torch", "triton")
+PROVIDERS = ("torch", "native", "triton")
 
 
 def table(x: torch.Tensor, r_list, tasks: list | None, *, provider: str, precision: str,
@@ -22,6 +23,8 @@ def table(x: torch.Tensor, r_list, tasks: list | None, *, provider: str, precisi
         pairs = None if tasks is None else task_pairs(tasks)
         return boxgram.nearest_similarity_multi(x, r_list, precision=precision, block_elems=block_elems,
                                                 which="triton", pairs=pairs)
+    if provider == "native":
+        return boxgram.nearest_similarity_multi_native(x, r_list, tasks=tasks, block_elems=block_elems)
     if tasks is None:
         return boxgram.nearest_similarity_multi_torch(x, r_list, precision=precision, block_elems=block_elems)
     n, length, _ = x.shape

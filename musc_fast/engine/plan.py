@@ -33,7 +33,7 @@ import torch
 
 from .. import distributed, ops
 from ..memory import SHIFT_ROWS, BankPlan, MemoryPlan, fits_one_gram
-from ..ops.boxgram import boxgram_mode, use_boxgram
+from ..ops.boxgram import boxgram_mode, native_ok, use_boxgram
 from ..ops.msm import DEFAULT_BLOCK_ELEMS, use_window_shifts
 from . import nn_faiss, nn_torch, nn_triton
 
@@ -240,6 +240,10 @@ def plan_pass(op: str, *, n: int, length: int, device, dtype: torch.dtype | None
         which = ops.backend("msm", dev, dtype, precision)
         provider = "triton" if which == "triton" and boxgram_mode() == "on" else "torch"
         reason = f"MUSC_FAST_MSM={_env_choice()}, MUSC_FAST_BOXGRAM={boxgram_mode()}"
+        if provider == "torch":
+            native, why = native_ok(dev)
+            provider = "native" if native else "torch"
+            reason = f"{reason}; {why}"
         return PassPlan(op="onegram", mode="full", schedule="pairs", provider=provider,
                         interval="triton" if provider == "triton" else "torch", precision=precision,
                         block_elems=memory.block_elems, rows_per_chunk=memory.rows_per_chunk, ranks=ranks,

@@ -164,6 +164,62 @@ def fill_boxgram_block(feats: torch.Tensor, by_patch: torch.Tensor, inv_norms: t
         sim[k, j0:j1, :, i] = s.amax(dim=0).T  # each j's patches -> nearest in i
 
 
+def native_ok(device: torch.device | str) -> tuple[bool, str]:
+    """(whether the fused CPU filter kernel, ``kernels/boxgram_cpu.py``, runs the one-Gram blocks of tensors
+    on ``device``, why). CPU only; ``MUSC_FAST_NATIVE=0`` turns it off, ``=1`` makes a failed build an error."""
+    if torch.device(device).type != "cpu":
+        return False, "native: CPU only"
+    from ..kernels import boxgram_cpu
+
+    ok, why = boxgram_cpu.available()
+    return ok, f"native kernel {why}" if ok else f"native: {why}"
+
+
+def native_workspace(tasks: list[tuple[int, int, int]], length: int) -> list[torch.Tensor]:
+    """One [LANES * L * L] float32 buffer per partner group of the largest task (the groups' Gram blocks)."""
+    from ..kernels.boxgram_cpu import LANES
+
+    groups = max(-(-(j1 - j0) // LANES) for _, j0, j1 in tasks)
+    return [torch.empty(LANES * length * length, dtype=torch.float32) for _ in range(groups)]
+
+
+def fill_boxgram_block_native(flat: torch.Tensor, feats: torch.Tensor, inv_norms: torch.Tensor,
+                              sim: torch.Tensor, task: tuple[int, int, int], g: int, r_list,
+                              work: list[torch.Tensor]) -> None:
+    """``fill_boxgram_block`` with the fused CPU kernel: the task's partners in groups of ``LANES``, one
+    product [w * L, L] per group (partner-major: a contiguous slice of ``flat`` [N * L, C] times the query's
+    [L, C]^T, no copy), then box filters, scales and both maxima per group in one kernel call."""
+    from ..kernels.boxgram_cpu import LANES, group_maxima
+
+    i, j0, j1 = task
+    length = feats.shape[1]
+    bounds = [(a, min(j1, a + LANES)) for a in range(j0, j1, LANES)]
+    grams = [torch.mm(flat[a * length:b * length], feats[i].T,
+                      out=buf[:(b - a) * length * length].view((b - a) * length, length)).view(b - a, length, length)
+             for (a, b), buf in zip(bounds, work)]
+    maxima = group_maxima(grams, g, r_list, inv_norms[:, i], [inv_norms[:, a:b] for a, b in bounds])
+    for (a, b), (rowmax, colmax) in zip(bounds, maxima):
+        sim[:, i, :, a:b] = rowmax.transpose(1, 2)
+        sim[:, a:b, :, i] = colmax
+
+
+def nearest_similarity_multi_native(x: torch.Tensor, r_list, *, tasks: list | None = None,
+                                    block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
+    """``nearest_similarity_multi_torch`` (fp32, CPU) with the fused filter kernel; ``tasks``: the one-Gram
+    blocks to compute (None: every pair; -inf elsewhere)."""
+    n, length, _ = x.shape
+    g = grid_of(length)
+    feats = x.float().contiguous()
+    inv_norms = box_inverse_norms(feats, r_list)
+    flat = feats.reshape(n * length, -1)
+    sim = torch.full((len(r_list), n, length, n), float("-inf"), dtype=torch.float32, device=x.device)
+    tasks = boxgram_tasks(n, length, block_elems) if tasks is None else tasks
+    work = native_workspace(tasks, length) if tasks else None
+    for task in tasks:
+        fill_boxgram_block_native(flat, feats, inv_norms, sim, task, g, r_list, work)
+    return sim
+
+
 def nearest_similarity_multi_torch(x: torch.Tensor, r_list: tuple[int, ...] | list[int], *,
                                    precision: str = "fp32",
                                    block_elems: int = DEFAULT_BLOCK_ELEMS) -> torch.Tensor:
@@ -193,7 +249,10 @@ def nearest_similarity_multi(x: torch.Tensor, r_list, *, precision: str = "fp32"
                              block_elems: int = DEFAULT_BLOCK_ELEMS, which: str = "torch", pairs=None) -> torch.Tensor:
     """[R, N, L, N] one-Gram similarities by ``which`` provider: the torch blocks above, or the Triton
     kernels (``kernels.nearest_similarity_multi_triton``, guarded by ``ops.run_kernel``: a failing kernel
-    falls back to torch). ``pairs``: the Triton work list, e.g. one rank's blocks (None: every pair)."""
+    falls back to torch), or the fused CPU kernel (``native``). ``pairs``: the Triton work list, e.g. one
+    rank's blocks (None: every pair)."""
+    if which == "native":
+        return nearest_similarity_multi_native(x, list(r_list), block_elems=block_elems)
     if which == "triton":
         from .. import kernels
         from . import run_kernel
@@ -220,7 +279,8 @@ def mutual_scores_multi(x: torch.Tensor, r_list: tuple[int, ...] | list[int],
         [R, N, L] float64, equal to ``mutual_scores(lnamd(tokens, r))`` for each r (within fp32 rounding).
 
     Backend: the MSM gate (``ops.backend("msm")``) picks the Triton kernels
-    (``kernels.nearest_similarity_multi_triton`` + the interval-mean kernel) or the torch blocks.
+    (``kernels.nearest_similarity_multi_triton`` + the interval-mean kernel) or, otherwise, the fused CPU
+    kernel where it runs (``native_ok``: CPU, fp32, ``MUSC_FAST_NATIVE``) or the torch blocks.
     """
     from . import backend, interval_mean
 
@@ -228,5 +288,7 @@ def mutual_scores_multi(x: torch.Tensor, r_list: tuple[int, ...] | list[int],
     if backend("msm", x.device, x.dtype, precision) == "triton":
         sim = nearest_similarity_multi(x, r_list, precision=precision, block_elems=block_elems, which="triton")
         return torch.stack([interval_mean(s, k_min, k_max) for s in sim])
-    sim = nearest_similarity_multi_torch(x, r_list, precision=precision, block_elems=block_elems)
+    native = native_ok(x.device)[0]  # CPU products are fp32 at every precision (``_matmul_dtype``)
+    sim = nearest_similarity_multi(x, list(r_list), precision=precision, block_elems=block_elems,
+                                   which="native" if native else "torch")
     return torch.stack([interval_mean_from_similarity(s, k_min, k_max) for s in sim])
