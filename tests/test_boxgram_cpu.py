@@ -9,6 +9,7 @@ from musc_fast.kernels import boxgram_cpu
 from musc_fast.ops import boxgram
 from musc_fast.ops.lnamd import layer_norm_chw
 
+
 def randn(rng, *shape) -> torch.Tensor:
     return torch.from_numpy(rng.standard_normal(shape).astype("float32"))
 
