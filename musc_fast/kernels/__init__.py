@@ -51,6 +51,16 @@ def grid_side(length: int, grid: int | None = None) -> int:
     return g
 
 
+def env_switch(name: str) -> str:
+    """A three-way environment switch (``MUSC_FAST_BOXGRAM``, ``MUSC_FAST_NATIVE``): ``auto`` (unset or
+    ``auto``), ``on`` (``1``/``true``/``on``) or ``off`` (``0``/``false``/``off``); anything else is an error."""
+    value = os.environ.get(name, "auto").strip().lower()
+    modes = {"auto": "auto", "1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off"}
+    if value not in modes:
+        raise ValueError(f"{name}={value!r} must be auto, 1 or 0")
+    return modes[value]
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from . import env_switch
+
 LANES = 8  # partner images per kernel call: one 256-bit vector of float32
 
 C_SOURCE = r"""
@@ -161,11 +163,7 @@ _FALLBACK_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c99")  # compilers without -
 
 def native_mode() -> str:
     """``MUSC_FAST_NATIVE``: ``auto`` (default), ``on`` (``1``) or ``off`` (``0``)."""
-    value = os.environ.get("MUSC_FAST_NATIVE", "auto").strip().lower()
-    modes = {"auto": "auto", "1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off"}
-    if value not in modes:
-        raise ValueError(f"MUSC_FAST_NATIVE={value!r} must be auto, 1 or 0")
-    return modes[value]
+    return env_switch("MUSC_FAST_NATIVE")
 
 
 def cache_folder() -> Path:

@@ -16,10 +16,9 @@ whose planner takes the ``triton`` one-Gram kernels only when ``MUSC_FAST_BOXGRA
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from ..kernels import env_switch
 from .interval import interval_bounds
 from .lnamd import box_mean, grid_of
 from .msm import DEFAULT_BLOCK_ELEMS, _matmul_dtype, interval_mean_from_similarity, product_into
@@ -32,11 +31,7 @@ MIN_CHANNELS_CPU = 384
 
 def boxgram_mode() -> str:
     """``MUSC_FAST_BOXGRAM``: ``auto`` (default), ``1`` (always) or ``0`` (never, per-r passes)."""
-    value = os.environ.get("MUSC_FAST_BOXGRAM", "auto").strip().lower()
-    modes = {"auto": "auto", "1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off"}
-    if value not in modes:
-        raise ValueError(f"MUSC_FAST_BOXGRAM={value!r} must be auto, 1 or 0")
-    return modes[value]
+    return env_switch("MUSC_FAST_BOXGRAM")
 
 
 def use_boxgram(device: torch.device | str, channels: int) -> bool:
