@@ -63,6 +63,13 @@ class SmallGpu:
         return self
 
 
+@pytest.fixture(autouse=True)
+def torch_provider(monkeypatch):
+    # The simulated allocator failure hooks the torch providers, which are what CUDA runs; the fused
+    # native one-Gram provider is CPU-only (it never sees CUDA's allocator), so it is switched off here.
+    monkeypatch.setenv("MUSC_FAST_NATIVE", "0")
+
+
 @pytest.fixture
 def small_gpu(monkeypatch):
     return SmallGpu(monkeypatch)
