@@ -37,7 +37,8 @@ def reference(x: torch.Tensor, r_list) -> torch.Tensor:
 
 @needs_native
 @pytest.mark.parametrize("n,g,c,r_list", [(2, 3, 5, (1,)), (3, 4, 7, (1, 3)), (5, 5, 33, (1, 3, 5)),
-                                          (11, 4, 24, (3, 5, 7)), (4, 2, 6, (5,))])
+                                          (11, 4, 24, (3, 5, 7)), (4, 2, 6, (5,)),
+                                          (2, 37, 5, (1, 3))])  # L=1369: a 518 px ViT-14 grid
 def test_native_matches_float64_and_torch(rng, n, g, c, r_list):
     x = layer_norm_chw(randn(rng, n, g * g, c))
     got = boxgram.nearest_similarity_multi_native(x, list(r_list))
