@@ -4,7 +4,8 @@ Rows (each in its own subprocess, so that peak memory is the row's own):
     original        backbone, tokens bounced through the CPU, LNAMD per r with Unfold + CPU L2 norm,
                     per-query cdist MSM in fp32 (SPEC 3.1; bench/original_style.py)
     torch_per_r     our torch path, one LNAMD + MSM pass per (layer, r)       (MUSC_FAST_BOXGRAM=0)
-    torch_one_gram  our torch path, one Gram block per layer for every r      (the CPU default)
+    torch_one_gram  our torch path, one Gram block per layer for every r      (MUSC_FAST_NATIVE=0)
+    native_one_gram the same with the fused C one-Gram kernel                  (the CPU default; CPU only)
     triton_fp32     Triton LNAMD + mutual-min kernels, exact fp32             (CUDA only)
     triton_bf16     the same with bf16 matmul inputs                           (CUDA only)
     one_gram_bf16   the one-Gram torch path with bf16 matmuls                  (CUDA only)
@@ -17,7 +18,7 @@ patch scores, image scores and image AUROC are from the original-style row of th
     python bench/bench_e2e.py --backbone dinov2_vitl14 --image-size 518 --layers 5 11 17 23 --n 200
                                                     # GPU: the paper's cost (ViT-L/14, 1369 patches)
     python bench/bench_e2e.py --backbone efficientnet_lite0 --pretrained imagenet --image-size 256 \
-        --layers 2 3 4 --n 83 --rows original torch_per_r torch_one_gram
+        --layers 2 3 4 --n 83 --rows original torch_per_r torch_one_gram native_one_gram
                                                     # real weights: the image AUROC each row keeps
 Weights are random by default (speed does not depend on them); labels come from the image folders.
 """
@@ -43,7 +44,10 @@ from bench.harness import env_info, print_table, write_rows  # noqa: E402
 ROWS = {
     "original": {},
     "torch_per_r": {"MUSC_FAST_MSM": "torch", "MUSC_FAST_LNAMD": "torch", "MUSC_FAST_BOXGRAM": "0"},
-    "torch_one_gram": {"MUSC_FAST_MSM": "torch", "MUSC_FAST_LNAMD": "torch", "MUSC_FAST_BOXGRAM": "1"},
+    "torch_one_gram": {"MUSC_FAST_MSM": "torch", "MUSC_FAST_LNAMD": "torch", "MUSC_FAST_BOXGRAM": "1",
+                       "MUSC_FAST_NATIVE": "0"},
+    "native_one_gram": {"MUSC_FAST_MSM": "torch", "MUSC_FAST_LNAMD": "torch", "MUSC_FAST_BOXGRAM": "1",
+                        "MUSC_FAST_NATIVE": "1"},
     "triton_fp32": {"MUSC_FAST_MSM": "triton", "MUSC_FAST_LNAMD": "triton", "MUSC_FAST_BOXGRAM": "0"},
     "triton_bf16": {"MUSC_FAST_MSM": "triton", "MUSC_FAST_LNAMD": "triton", "MUSC_FAST_BOXGRAM": "0"},
     "one_gram_bf16": {"MUSC_FAST_MSM": "torch", "MUSC_FAST_LNAMD": "torch", "MUSC_FAST_BOXGRAM": "1"},
@@ -52,6 +56,7 @@ ROWS = {
 BF16_ROWS = {"triton_bf16", "one_gram_bf16"}
 FP16_ROWS = {"triton_fp16"}
 GPU_ROWS = {"triton_fp32", "triton_bf16", "one_gram_bf16", "triton_fp16"}
+CPU_ROWS = {"native_one_gram"}  # the fused C one-Gram kernel is a CPU provider
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mvtec_bottle" / "bottle" / "test"
 
 
@@ -103,6 +108,7 @@ def run_row(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     with timer.stage("backbone"):
         tokens, cls = model.extract(pixels, progress=False)
+    provider = "original"
     if args.row == "original":
         from bench.original_style import lnamd_original, msm_original
 
@@ -127,6 +133,7 @@ def run_row(args: argparse.Namespace) -> dict:
         res = score_features(tokens, cls, image_size=args.image_size, r_list=args.r_list,
                              rscin_k=config.rscin_k, msm_precision=config.msm_precision, _timer=timer)
         raw, final, patch_np = res.raw_image_scores, res.image_scores, res.patch_scores.reshape(args.n, -1)
+        provider = "+".join(sorted({p["op"] + ":" + p["provider"] for p in res.plan}))  # what actually ran
     total = time.perf_counter() - start
     n, length, c = tokens[0].shape
     ms = {k: v / n for k, v in timer.ms.items()}
@@ -139,7 +146,7 @@ def run_row(args: argparse.Namespace) -> dict:
     np.savez(args.scores_out, patch=patch_np, raw=np.asarray(raw), final=np.asarray(final))
     row = {
         "row": args.row, "n": n, "L": length, "C": c, "backbone": args.backbone, "image_size": args.image_size,
-        "device": str(device), "ms_per_image": 1e3 * total / n,
+        "device": str(device), "msm_provider": provider, "ms_per_image": 1e3 * total / n,
         **{f"ms_{k}": round(v, 3) for k, v in ms.items()},
         "msm_tflop": flops / 1e12, "msm_tflops_per_s": flops / 1e12 / max(msm_ms * n / 1e3, 1e-9),
         "peak_mb": round(peak_mb, 1), "peak_kind": "cuda allocated" if device.type == "cuda" else "process RSS",
@@ -199,7 +206,7 @@ def main() -> None:
         return
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    rows = args.rows or [r for r in ROWS if cuda or r not in GPU_ROWS]
+    rows = args.rows or [r for r in ROWS if (r not in CPU_ROWS if cuda else r not in GPU_ROWS)]
     device = "cuda" if cuda else "cpu"
     out_csv = Path(args.out) if args.out else Path(__file__).parent / "results" / f"bench_e2e_{device}.csv"
     if args.dry_run:
